@@ -278,3 +278,18 @@ def test_to_trl_rejects_unknown_method_and_template(small, tok):
         data.to_trl(small, "llama3", tok, "ppo")
     with pytest.raises(ValueError, match="template"):
         data.to_trl(small, "vicuna", tok, "sft")
+
+
+def test_cached_trl_stores_once_per_input_and_reads_back_the_same_rows(small, tok, tmp_path):
+    first = data.cached_trl(small, "chatml", tok, "dpo", tmp_path)
+    again = data.cached_trl(small, "chatml", tok, "dpo", tmp_path)
+    expected = data.to_trl(small, "chatml", tok, "dpo").remove_columns("item_id")
+    assert first.to_list() == again.to_list() == expected.to_list()
+    assert len(list(tmp_path.iterdir())) == 1
+    assert first.cache_files and first.cache_files[0]["filename"].startswith(str(tmp_path))  # Arrow-backed
+    # anything the rendering depends on gets its own entry: method family, template, the data itself
+    data.cached_trl(small, "chatml", tok, "cita", tmp_path)  # same pairs as dpo: shared
+    data.cached_trl(small, "chatml", tok, "sft", tmp_path)
+    data.cached_trl(small, "alpaca", tok, "dpo", tmp_path)
+    data.cached_trl(small.select(range(3)), "chatml", tok, "dpo", tmp_path)
+    assert len(list(tmp_path.iterdir())) == 4

@@ -38,6 +38,9 @@ def test_trial_trains_evaluates_and_logs(method, runs, tiny_model):
     for name in ("eval/pref_accuracy", "eval/reward_margin", "eval/quality", "eval/refusal_accuracy"):
         assert name in data.metrics and metrics[name] == pytest.approx(data.metrics[name])
     assert reports and reports[-1]["done"]
+    # per-trial overhead: trial start -> end of the first optimizer step, after setup, within the trial
+    assert metrics["time/setup_s"] < metrics["time/to_first_step_s"] < metrics["eval/trial_seconds"]
+    assert data.metrics["sys/oom_retries"] == 0 and tags["exec_micro_batch"] == "2"
 
     art = _artifact_dir(client, run.info.run_id)
     items = pd.read_parquet(f"{art}/eval_items.parquet")
@@ -71,3 +74,72 @@ def test_failure_is_recorded_on_the_run(runs, tiny_model):
     (run,) = client.search_runs([exp])
     assert run.info.status == "FAILED" and run.data.tags["trial_status"] == "failed"
     assert "no-such-org/no-such-model" in run.data.tags["error"]
+
+
+def _inject_oom(monkeypatch, method: str, largest_that_fits: int) -> list:
+    """Make training raise CUDA's OOM error whenever the micro-batch exceeds `largest_that_fits`; returns the
+    (micro_batch, grad_accum) of every trainer built."""
+    import torch
+    from transformers import TrainerCallback
+
+    from trainables import trial
+
+    real, built = trial.METHOD_TRAINERS[method], []
+
+    class OutOfMemory(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if args.per_device_train_batch_size > largest_that_fits:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+    def build(cfg, *args, **kwargs):
+        trainer = real(cfg, *args, **kwargs)
+        built.append((trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps))
+        trainer.add_callback(OutOfMemory())
+        return trainer
+
+    monkeypatch.setitem(trial.METHOD_TRAINERS, method, build)
+    return built
+
+
+def test_oom_retries_with_half_micro_batch_and_same_effective_batch(runs, tiny_model, monkeypatch):
+    built = _inject_oom(monkeypatch, "sft", largest_that_fits=1)
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    metrics = run_trial(tiny_trial(micro_batch=4, grad_accum=1), "oom", runs, exp)
+    assert built == [(4, 1), (2, 2), (1, 4)]
+    (run,) = client.search_runs([exp])
+    tags = run.data.tags
+    assert run.info.status == "FINISHED" and tags["trial_status"] == "finished"
+    assert (tags["oom_retries"], tags["exec_micro_batch"], tags["exec_grad_accum"]) == ("2", "1", "4")
+    assert "micro_batch=2" in tags["oom_retry_1"] and "out of memory" in tags["oom_retry_1"]
+    assert run.data.metrics["sys/oom_retries"] == 2 == metrics["sys/oom_retries"]
+    assert run.data.params["micro_batch"] == "4"  # the config (and its key) stays what the spec asked for
+
+
+def test_oom_at_micro_batch_one_fails_the_trial(runs, tiny_model, monkeypatch):
+    from trainables.trial import TrainingOOM
+
+    _inject_oom(monkeypatch, "dpo", largest_that_fits=0)
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    with pytest.raises(TrainingOOM):
+        run_trial(tiny_trial(method="dpo", micro_batch=2), "oom", runs, exp)
+    (run,) = client.search_runs([exp])
+    assert run.info.status == "FAILED" and run.data.tags["oom_retries"] == "1"
+    assert "out of memory" in run.data.tags["error"] and "micro_batch=1" in run.data.tags["error"]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_accumulation_is_equivalent_to_a_bigger_micro_batch(method, tiny_model, tmp_path):
+    """What the OOM retry and the memory planner rely on: micro-batch 4 x 1 trains like 2 x 2 and 1 x 4."""
+    from trainables.trial import prepare
+
+    losses = []
+    for micro, accum in [(4, 1), (2, 2), (1, 4)]:
+        cfg = TrialConfig(**tiny_trial(method=method, micro_batch=micro, grad_accum=accum, max_steps=3))
+        trainer, _, _ = prepare(cfg, str(tmp_path / f"{micro}"))
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[0]) == 3
+    for other in losses[1:]:
+        assert other == pytest.approx(losses[0], rel=1e-4, abs=1e-6)

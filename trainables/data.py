@@ -22,6 +22,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -523,6 +524,29 @@ def load_preferences(source: str, n_train: int, n_eval: int, data_seed: int):
 # ================================================================================================
 # TRL formats
 # ================================================================================================
+def cached_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, cache_dir: Path) -> datasets.Dataset:
+    """`to_trl` (minus item_id), stored on disk under a key of everything it depends on, and read back from there.
+
+    Read from disk, the dataset is Arrow-backed, so the `datasets` library also caches TRL's own tokenizing
+    maps beside it (by fingerprint): a later trial on the same data skips both rendering and tokenizing.
+    """
+    key = hashlib.sha256("|".join([
+        hashlib.sha256(pd.util.hash_pandas_object(ds.to_pandas(), index=False).values.tobytes()).hexdigest(),
+        template, "sft" if method == "sft" else "pairs", tokenizer.name_or_path,
+        hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
+        hashlib.sha256(Path(templates.__file__).read_bytes()).hexdigest(), datasets.__version__,
+    ]).encode()).hexdigest()[:20]
+    path = cache_dir / key
+    if not path.exists():
+        tmp = path.with_name(f"{key}.tmp-{random.getrandbits(32):08x}")  # concurrent trials: last rename wins
+        to_trl(ds, template, tokenizer, method).remove_columns("item_id").save_to_disk(str(tmp))
+        try:
+            tmp.rename(path)
+        except OSError:  # another trial stored the same data first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.load_from_disk(str(path))
+
+
 def to_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, with_system: bool = True) -> datasets.Dataset:
     """Rendered strings for TRL: sft -> prompt, completion (= chosen); dpo/cita -> prompt, chosen, rejected.
 

@@ -1,7 +1,8 @@
 """One trial: model at precision -> adapter -> method trainer (TRL) -> train -> evaluate -> log to MLflow.
 
 `run_trial` is what Ray Tune calls on a worker (through sweeps.runner); it is a plain function, so tests and
-notebooks can call it directly too.
+notebooks can call it directly too. A trial whose training runs out of GPU memory is retried in the same
+MLflow run with half the micro-batch and twice the accumulation (same effective batch), down to micro-batch 1.
 """
 from __future__ import annotations
 
@@ -14,41 +15,85 @@ import torch
 
 from trainables import cita, data, dpo, evaluate, lora, precision, sft, tracking
 from trainables.config import TrialConfig
-from trainables.models import load_tokenizer
+from trainables.models import cache_root, load_tokenizer
 
 METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": cita.build_trainer}
 
 
-def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=None):
-    """Train one config and evaluate it; returns (model, tokenizer, items, metrics, global_step).
+class TrainingOOM(RuntimeError):
+    """Training (not evaluation) ran out of GPU memory: a smaller micro-batch may fit."""
 
-    metrics include time/* seconds per phase (setup, train, eval), so per-trial overhead is measured."""
+
+def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
+    """Seeded base model at precision + adapter + the method's TRL trainer, ready to train (bench/ times this
+    too). `train_ds` replaces the config's data (already in TRL's format). Returns (trainer, tokenizer, held_out)."""
     from transformers import PrinterCallback, set_seed
 
-    clock = time.perf_counter()
     set_seed(cfg.seed)  # python, numpy, torch: LoRA init, dropout, data order
     tokenizer = load_tokenizer(cfg.model)
     train_raw, held_out = data.load_preferences(cfg.data, cfg.n_train, cfg.n_eval, cfg.data_seed)
-    train_ds = data.to_trl(train_raw, cfg.template, tokenizer, cfg.method).remove_columns("item_id")
+    if train_ds is None:
+        train_ds = data.cached_trl(train_raw, cfg.template, tokenizer, cfg.method, cache_root() / "trl_datasets")
     model = lora.attach(precision.load_model(cfg), cfg)
     trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)
     trainer.remove_callback(PrinterCallback)  # metrics go to MLflow and Tune, not as dicts on stdout
+    return trainer, tokenizer, held_out
+
+
+def _first_step_timer(started: float):
+    """Seconds from `started` (trial start) to the end of the first optimizer step: the per-trial overhead."""
+    from transformers import TrainerCallback
+
+    class FirstStep(TrainerCallback):
+        seconds = float("nan")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.seconds != self.seconds:
+                self.seconds = time.perf_counter() - started
+
+    return FirstStep()
+
+
+def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=None, started: float | None = None):
+    """Train one config and evaluate it; returns (model, tokenizer, items, metrics, global_step).
+
+    metrics include time/* seconds per phase (setup, train, eval) and time/to_first_step_s from `started`
+    (default: now), so per-trial overhead is measured."""
+    clock = time.perf_counter()
+    first_step = _first_step_timer(started if started is not None else clock)
+    trainer, tokenizer, held_out = prepare(cfg, workdir, [*callbacks, first_step])
     if on_trainer is not None:
         on_trainer(trainer)
     phases = {"time/setup_s": time.perf_counter() - clock}
     clock = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError as err:
+        raise TrainingOOM(f"micro_batch={cfg.micro_batch}: {err}") from None
     phases["time/train_s"] = time.perf_counter() - clock
+    phases["time/to_first_step_s"] = first_step.seconds
     clock = time.perf_counter()
     items, metrics = evaluate.evaluate(trainer.model, tokenizer, held_out, cfg)
     phases["time/eval_s"] = time.perf_counter() - clock
     return trainer.model, tokenizer, items, {**metrics, **phases}, trainer.state.global_step
 
 
+def _free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def halve_micro_batch(cfg: TrialConfig) -> TrialConfig:
+    """Half the micro-batch, twice the accumulation: the same effective batch in less memory."""
+    return cfg.model_copy(update={"micro_batch": cfg.micro_batch // 2, "grad_accum": cfg.grad_accum * 2})
+
+
 def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, parent_run_id: str | None = None,
               report: Callable[[dict], None] | None = None, threads: int | None = None,
               variant: str = "") -> dict[str, float]:
     """Run one trial, filed as an MLflow child run. A failure is recorded on the run, then re-raised."""
+    started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
     if torch.cuda.is_available():  # per-trial peak, also on a reused worker
@@ -56,33 +101,56 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     cfg = TrialConfig(**config)
     client = tracking.client(tracking_uri)
     run_id = tracking.start_trial_run(client, experiment_id, parent_run_id, cfg, label, variant)
-    grit_controller = []
-    started = time.time()
+    attempt, retries = cfg, 0
     try:
-        def attach_adapter_extras(trainer):
-            if cfg.adapter == "grit":
-                from trainables import grit
-                grit_controller.append(grit.attach(trainer, cfg.grit))
-
-        def extra_metrics():
-            return grit_controller[0].metrics() if grit_controller else {}
-
-        logger = tracking.step_logger(client, run_id, report, extra_metrics)
-        with tempfile.TemporaryDirectory() as workdir:
-            model, _, items, metrics, step = train_and_evaluate(cfg, workdir, [logger], attach_adapter_extras)
-            metrics.update(extra_metrics())
-            metrics["eval/trial_seconds"] = time.time() - started
-            if torch.cuda.is_available():
-                metrics["sys/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            model.save_pretrained(f"{workdir}/adapter")
-            tracking.finish_trial_run(client, run_id, metrics, items, f"{workdir}/adapter", step)
+        while True:
+            client.set_tag(run_id, "exec_micro_batch", str(attempt.micro_batch))
+            client.set_tag(run_id, "exec_grad_accum", str(attempt.grad_accum))
+            try:
+                metrics = _attempt(attempt, client, run_id, report, started, {"sys/oom_retries": retries})
+                break
+            except TrainingOOM as err:
+                if attempt.micro_batch == 1:
+                    raise
+                message = str(err)
+            # out of the except block: the traceback (and the model it holds) is gone, so memory can be freed
+            _free_memory()
+            retries += 1
+            attempt = halve_micro_batch(attempt)
+            client.set_tag(run_id, "oom_retries", str(retries))
+            client.set_tag(run_id, f"oom_retry_{retries}", f"-> micro_batch={attempt.micro_batch} "
+                           f"grad_accum={attempt.grad_accum} after {message}"[:4900])
+            print(f"{label}: out of GPU memory; retrying with micro_batch={attempt.micro_batch} "
+                  f"grad_accum={attempt.grad_accum}", flush=True)
     except BaseException as err:
         tracking.fail_trial_run(client, run_id, err)
         raise
     finally:  # a reused Ray worker runs the next trial in this process: give its memory back
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        _free_memory()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
+    return metrics
+
+
+def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extra: dict) -> dict[str, float]:
+    """Train, evaluate and file one attempt of a trial; returns its metrics."""
+    grit_controller = []
+
+    def attach_adapter_extras(trainer):
+        if cfg.adapter == "grit":
+            from trainables import grit
+            grit_controller.append(grit.attach(trainer, cfg.grit))
+
+    def extra_metrics():
+        return grit_controller[0].metrics() if grit_controller else {}
+
+    logger = tracking.step_logger(client, run_id, report, extra_metrics)
+    with tempfile.TemporaryDirectory() as workdir:
+        model, _, items, metrics, step = train_and_evaluate(cfg, workdir, [logger], attach_adapter_extras, started)
+        metrics.update(extra_metrics(), **extra)
+        metrics["eval/trial_seconds"] = time.perf_counter() - started
+        if torch.cuda.is_available():
+            metrics["sys/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        model.save_pretrained(f"{workdir}/adapter")
+        tracking.finish_trial_run(client, run_id, metrics, items, f"{workdir}/adapter", step)
     return metrics
