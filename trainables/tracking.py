@@ -84,14 +84,15 @@ def start_trial_run(mlflow_client, experiment_id: str, parent_run_id: str | None
     return run_id
 
 
-def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int) -> None:
+def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int, synchronous: bool = True):
+    """Log numeric metrics (NaN and non-numbers dropped); asynchronous logging returns the pending operations."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if isinstance(v, (int, float)) and v == v]  # drop NaN and non-numbers
-    for i in range(0, len(batch), 1000):
-        mlflow_client.log_batch(run_id, metrics=batch[i:i + 1000])
+             if isinstance(v, (int, float)) and v == v]
+    return [mlflow_client.log_batch(run_id, metrics=batch[i:i + 1000], synchronous=synchronous)
+            for i in range(0, len(batch), 1000)]
 
 
 def finish_trial_run(mlflow_client, run_id: str, eval_metrics: dict, items, adapter_dir: str | None, step: int):
@@ -112,17 +113,28 @@ def fail_trial_run(mlflow_client, run_id: str, error: BaseException) -> None:
     mlflow_client.set_terminated(run_id, "FAILED")
 
 
-def step_logger(mlflow_client, run_id: str, report=None, extra_metrics=None):
-    """A TrainerCallback that sends every logging step to MLflow (train/*) and, if given, to Ray Tune."""
+def step_logger(mlflow_client, run_id: str, report=None, extra_metrics=None, report_every_s: float = 10.0):
+    """A TrainerCallback that sends every logging step to MLflow (train/*) and, at most every `report_every_s`,
+    to Ray Tune (its progress table). MLflow logging is asynchronous (a synchronous SQLite write costs ~5 ms,
+    about 1% of an 8B step) and drained when training ends, so nothing is lost."""
     from transformers import TrainerCallback
 
     class _StepLogger(TrainerCallback):
+        def __init__(self):
+            self.pending, self.last_report = [], float("-inf")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             metrics = {f"train/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             if extra_metrics is not None:
                 metrics.update(extra_metrics())
-            log_metrics(mlflow_client, run_id, metrics, state.global_step)
-            if report is not None:
+            self.pending += log_metrics(mlflow_client, run_id, metrics, state.global_step, synchronous=False)
+            if report is not None and time.monotonic() - self.last_report >= report_every_s:
+                self.last_report = time.monotonic()
                 report({**{k.replace("/", "_"): v for k, v in metrics.items()}, "step": state.global_step})
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for operation in self.pending:
+                operation.wait()  # raises if a write failed
+            self.pending.clear()
 
     return _StepLogger()
