@@ -20,11 +20,17 @@ class Profile:
     name: str
     overrides: dict[str, Any]                 # TrialConfig fields every trial gets (a spec may override)
     cpus_per_trial: float
-    gpus_per_trial: float                     # fractions pack several trials on one GPU
+    gpus_per_trial: float                     # fractions pack several trials on one GPU (the most with pack_by_memory)
     precisions: tuple[str, ...]               # what "the precisions the machine supports" means here
     step_scale: float = 1.0                   # shrinks max_steps for small profiles, keeping ratios
     description: str = ""
     env: dict[str, str] = field(default_factory=dict)
+    # Memory planner (trainables/memory.py). pack_by_memory: each trial's GPU share is the smallest 1/k of a GPU
+    # that holds its estimated peak (CPUs per trial then bound how many run at once). plan_micro_batch: a trial
+    # trains at the largest micro-batch its share holds, same effective batch (execution only: same trial key).
+    pack_by_memory: bool = False
+    plan_micro_batch: bool = False
+    gpu_mem_gib: float | None = None          # memory of one GPU for packing; None = this machine's GPU 0
 
     @property
     def cuda(self) -> bool:
@@ -46,8 +52,9 @@ def _local() -> Profile:
              "grad_accum": 1, "max_length": 128, "max_prompt_length": 96, "gradient_checkpointing": False,
              "warmup_steps": 1, "eval": {"n_generate": 8, "max_new_tokens": 24, "batch_size": 8}}
     if torch.cuda.is_available():
-        return Profile("local", small, cpus_per_trial=1, gpus_per_trial=0.25, precisions=("bf16", "nf4"),
-                       step_scale=0.2, description="one local GPU, 4 SmolLM2 trials packed on it")
+        return Profile("local", small, cpus_per_trial=1, gpus_per_trial=1, precisions=("bf16", "nf4"),
+                       step_scale=0.2, pack_by_memory=True,
+                       description="one local GPU, SmolLM2 trials packed on it by estimated memory")
     cpus = os.cpu_count() or 2
     return Profile("local", small, cpus_per_trial=max(1, cpus // 2), gpus_per_trial=0, precisions=("fp32",),
                    step_scale=8 / 300, description=f"CPU only ({cpus} cores), 2 trials at a time, fp32")
@@ -61,12 +68,13 @@ def get(name: str) -> Profile:
                   "micro_batch": 8,
                   "grad_accum": 1, "max_length": 512, "max_prompt_length": 256,
                   "eval": {"n_generate": 128, "max_new_tokens": 128, "batch_size": 64}}
-        return Profile("gpu", medium, cpus_per_trial=2, gpus_per_trial=0.25, precisions=("bf16", "nf4"),
-                       step_scale=0.5, description="one GPU node, SmolLM2 trials packed 4 per GPU")
+        return Profile("gpu", medium, cpus_per_trial=2, gpus_per_trial=1, precisions=("bf16", "nf4"),
+                       step_scale=0.5, pack_by_memory=True,
+                       description="one GPU node, SmolLM2 trials packed on each GPU by estimated memory")
     if name == "lambda":
         return Profile("lambda", _CLUSTER, cpus_per_trial=8, gpus_per_trial=1, precisions=("bf16", "nf4"),
-                       description="Lambda Cloud Ray cluster (cluster/lambda.yaml), one GPU per 8B trial")
+                       plan_micro_batch=True, description="Lambda Cloud Ray cluster (cluster/lambda.yaml), one GPU per 8B trial")
     if name == "tacc":
         return Profile("tacc", _CLUSTER, cpus_per_trial=8, gpus_per_trial=1, precisions=("bf16", "nf4"),
-                       description="TACC SLURM allocation (cluster/tacc/), one GPU per 8B trial")
+                       plan_micro_batch=True, description="TACC SLURM allocation (cluster/tacc/), one GPU per 8B trial")
     raise ValueError(f"profile = {name!r}; allowed values: {', '.join(PROFILE_NAMES)}")

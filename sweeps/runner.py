@@ -47,7 +47,30 @@ def _tune_trainable(params: dict, context: dict):
 
     params = params["trial"]
     run_trial(params["config"], params["label"], context["tracking_uri"], context["experiment_id"],
-              context["parent_run_id"], report=tune.report, threads=context["threads"], variant=params["variant"])
+              context["parent_run_id"], report=tune.report, threads=context["threads"], variant=params["variant"],
+              gpu_share=params["gpu_share"], plan_micro_batch=context["plan_micro_batch"])
+
+
+def gpu_shares(trials: list[Trial], profile: Profile) -> list[float]:
+    """Each trial's fraction of a GPU: the profile's, or with pack_by_memory the smallest 1/k of a GPU that holds
+    the trial's estimated peak memory (never more than the profile's)."""
+    if not profile.cuda or not profile.pack_by_memory:
+        return [profile.gpus_per_trial] * len(trials)
+    gpu_gib = profile.gpu_mem_gib
+    if gpu_gib is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"profile {profile.name}: no local GPU to size packing from and no gpu_mem_gib; "
+                  f"{profile.gpus_per_trial} GPU per trial", flush=True)
+            return [profile.gpus_per_trial] * len(trials)
+        gpu_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    from trainables import memory
+
+    shapes = {name: memory.model_shape(name) for name in {t.config.model for t in trials}}
+    return [min(profile.gpus_per_trial,
+                memory.gpu_fraction(memory.estimate_peak(t.config, shapes[t.config.model]), int(gpu_gib * 2**30)))
+            for t in trials]
 
 
 def _progress_callback(total: int):
@@ -83,10 +106,12 @@ def run_sweep(spec: Spec, profile: Profile, *, address: str | None = None, track
     if config_keys is not None:
         trials = [t for t in trials if t.config.config_key in config_keys]
     tracking_uri = tracking_uri or tracking.default_tracking_uri()
+    shares = dict(zip((t.key for t in trials), gpu_shares(trials, profile)))
+    share_text = ", ".join(f"{g:.3g}" for g in sorted(set(shares.values())))
     if dry_run:
         print(trial_table(trials))
         print(f"profile {profile.name}: {profile.description}; per trial {profile.cpus_per_trial} CPU, "
-              f"{profile.gpus_per_trial} GPU; MLflow {tracking_uri}")
+              f"{share_text} GPU; MLflow {tracking_uri}")
         return SweepResult(None, None, tracking_uri, trials)
 
     if profile.name in ("lambda", "tacc") and not tracking_uri.startswith(("http://", "https://", "postgresql")):
@@ -99,7 +124,8 @@ def run_sweep(spec: Spec, profile: Profile, *, address: str | None = None, track
     todo = [t for t in trials if t.key not in done]
     result = SweepResult(experiment_id, None, tracking_uri, trials, skipped=[t for t in trials if t.key in done])
     print(f"{spec.study}: {len(trials)} trials, {len(result.skipped)} already finished in MLflow, "
-          f"{len(todo)} to run (profile {profile.name}: {profile.description})", flush=True)
+          f"{len(todo)} to run (profile {profile.name}: {profile.description}; GPU per trial: {share_text})",
+          flush=True)
     if not todo:
         return result
 
@@ -109,9 +135,10 @@ def run_sweep(spec: Spec, profile: Profile, *, address: str | None = None, track
     result.parent_run_id = parent.info.run_id
     status = "FAILED"
     try:
-        result.failed = _fit(todo, profile, address, storage, {
+        result.failed = _fit(todo, shares, profile, address, storage, {
             "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": result.parent_run_id,
-            "threads": max(1, int(profile.cpus_per_trial))}, spec.study, max_concurrent)
+            "threads": max(1, int(profile.cpus_per_trial)), "plan_micro_batch": profile.plan_micro_batch},
+            spec.study, max_concurrent)
         status = "FINISHED"
     finally:  # an interrupted sweep still closes its parent run; finished trials stay and are skipped next time
         client.set_tag(result.parent_run_id, "n_failed", str(len(result.failed)))
@@ -119,7 +146,8 @@ def run_sweep(spec: Spec, profile: Profile, *, address: str | None = None, track
     return result
 
 
-def _fit(todo: list[Trial], profile: Profile, address, storage, context: dict, name: str, max_concurrent):
+def _fit(todo: list[Trial], shares: dict[str, float], profile: Profile, address, storage, context: dict, name: str,
+         max_concurrent):
     import ray
     from ray import tune
 
@@ -128,10 +156,14 @@ def _fit(todo: list[Trial], profile: Profile, address, storage, context: dict, n
             ray.init(address=address)
         else:
             ray.init(address="local", include_dashboard=False, configure_logging=False)  # never a stray cluster
-    resources = {"cpu": profile.cpus_per_trial, "gpu": profile.gpus_per_trial}
+
+    def resources(config: dict):  # per trial: packed trials may each get a different GPU share
+        share = config["trial"]["gpu_share"]
+        return tune.PlacementGroupFactory([{"CPU": profile.cpus_per_trial, **({"GPU": share} if share else {})}])
+
     trainable = tune.with_resources(tune.with_parameters(_tune_trainable, context=context), resources)
-    params = [{"config": t.config.model_dump(mode="json"), "label": t.label, "key": t.key, "variant": t.variant}
-              for t in todo]
+    params = [{"config": t.config.model_dump(mode="json"), "label": t.label, "key": t.key, "variant": t.variant,
+               "gpu_share": shares[t.key]} for t in todo]
     space = tune.grid_search(params)
     storage = storage or os.environ.get("ALIGNSWEEP_STORAGE") or str(tracking.runs_dir() / "ray")
     tuner = tune.Tuner(

@@ -63,8 +63,9 @@ def finished_trial_keys(mlflow_client, experiment_id: str) -> set[str]:
 
 
 def start_trial_run(mlflow_client, experiment_id: str, parent_run_id: str | None, cfg, label: str,
-                    variant: str = "") -> str:
-    tags = {ROLE: "trial", "method": cfg.method, "adapter": cfg.adapter, "precision": cfg.precision,
+                    variant: str = "", execution: dict[str, str] | None = None) -> str:
+    """The trial's child run; `execution` tags say how it ran (GPU share, warm worker), not what it is."""
+    tags = {**(execution or {}), ROLE: "trial", "method": cfg.method, "adapter": cfg.adapter, "precision": cfg.precision,
             "template": cfg.template, "seed": str(cfg.seed), "trial_key": cfg.trial_key,
             "config_key": cfg.config_key, "config_label": label, "trial_status": "running",
             "variant": variant}

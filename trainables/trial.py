@@ -18,6 +18,7 @@ from trainables.config import TrialConfig
 from trainables.models import cache_root, load_tokenizer
 
 METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": cita.build_trainer}
+_trials_in_this_process = 0  # > 0: a reused (warm) Ray worker, with torch/TRL imported and caches filled
 
 
 class TrainingOOM(RuntimeError):
@@ -91,8 +92,11 @@ def halve_micro_batch(cfg: TrialConfig) -> TrialConfig:
 
 def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, parent_run_id: str | None = None,
               report: Callable[[dict], None] | None = None, threads: int | None = None,
-              variant: str = "") -> dict[str, float]:
-    """Run one trial, filed as an MLflow child run. A failure is recorded on the run, then re-raised."""
+              variant: str = "", gpu_share: float = 1.0, plan_micro_batch: bool = False) -> dict[str, float]:
+    """Run one trial, filed as an MLflow child run. A failure is recorded on the run, then re-raised.
+
+    gpu_share: the fraction of the GPU this trial was given (Ray's fractional GPU). plan_micro_batch: train at the
+    largest micro-batch the memory planner says fits that share, at the same effective batch."""
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -100,9 +104,14 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
         torch.cuda.reset_peak_memory_stats()
     cfg = TrialConfig(**config)
     client = tracking.client(tracking_uri)
-    run_id = tracking.start_trial_run(client, experiment_id, parent_run_id, cfg, label, variant)
+    global _trials_in_this_process
+    run_id = tracking.start_trial_run(client, experiment_id, parent_run_id, cfg, label, variant, execution={
+        "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(_trials_in_this_process > 0).lower()})
+    _trials_in_this_process += 1
     attempt, retries = cfg, 0
     try:
+        if plan_micro_batch and torch.cuda.is_available():
+            attempt = _planned(cfg, gpu_share, client, run_id)
         while True:
             client.set_tag(run_id, "exec_micro_batch", str(attempt.micro_batch))
             client.set_tag(run_id, "exec_grad_accum", str(attempt.grad_accum))
@@ -130,6 +139,17 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
     return metrics
+
+
+def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> TrialConfig:
+    """The config at the memory planner's micro-batch for this trial's share of the GPU."""
+    from trainables import memory
+
+    budget = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * gpu_share)
+    micro_batch, grad_accum, estimate = memory.plan_micro_batch(cfg, memory.model_shape(cfg.model), budget)
+    client.set_tag(run_id, "memory_plan", f"micro_batch={micro_batch} grad_accum={grad_accum}: estimated peak "
+                   f"{estimate.gib:.1f} GiB of a {budget / 2**30:.1f} GiB share")
+    return cfg.model_copy(update={"micro_batch": micro_batch, "grad_accum": grad_accum})
 
 
 def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extra: dict) -> dict[str, float]:
