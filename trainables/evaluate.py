@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -108,6 +109,7 @@ def evaluate(model, tokenizer, held_out, cfg: TrialConfig) -> tuple[pd.DataFrame
     chosen = [templates.render_completion(cfg.template, c, tokenizer) for c in df["chosen"]]
     rejected = [templates.render_completion(cfg.template, r, tokenizer) for r in df["rejected"]]
     bs = cfg.eval.batch_size
+    clock = time.perf_counter()
     items = df[["item_id", "kind", "should_refuse"]].copy()
     items["logp_chosen"] = sequence_logps(model, tokenizer, prompts, chosen, bs)
     items["logp_rejected"] = sequence_logps(model, tokenizer, prompts, rejected, bs)
@@ -121,7 +123,9 @@ def evaluate(model, tokenizer, held_out, cfg: TrialConfig) -> tuple[pd.DataFrame
     n_gen = min(cfg.eval.n_generate, len(items))
     metrics = {"eval/pref_accuracy": items.pref_correct.mean(), "eval/reward_margin": items.reward_margin.mean(),
                "eval/logp_margin": (items.logp_chosen - items.logp_rejected).mean(),
-               "eval/n_items": float(len(items)), "eval/n_generated": float(n_gen)}
+               "eval/n_items": float(len(items)), "eval/n_generated": float(n_gen),
+               "time/eval_logps_s": time.perf_counter() - clock}
+    clock = time.perf_counter()
     if n_gen:
         model.config.use_cache = True
         gens = generate(model, tokenizer, prompts[:n_gen], cfg)
@@ -133,4 +137,5 @@ def evaluate(model, tokenizer, held_out, cfg: TrialConfig) -> tuple[pd.DataFrame
         for col in ("quality", "fluency", "coherence", "alignment"):
             metrics[f"eval/{col}"] = float(np.nanmean(items[col]))
         metrics["eval/refusal_accuracy"] = float(np.nanmean(items["refusal_correct"]))
+    metrics["time/eval_generate_s"] = time.perf_counter() - clock
     return items, {k: float(v) for k, v in metrics.items()}

@@ -106,7 +106,8 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     client = tracking.client(tracking_uri)
     global _trials_in_this_process
     run_id = tracking.start_trial_run(client, experiment_id, parent_run_id, cfg, label, variant, execution={
-        "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(_trials_in_this_process > 0).lower()})
+        "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(_trials_in_this_process > 0).lower(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
     _trials_in_this_process += 1
     attempt, retries = cfg, 0
     try:

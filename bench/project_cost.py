@@ -1,0 +1,160 @@
+"""GPU-hours for the research's full study, projected from measured per-trial costs.
+
+    # 1. On a GPU: short calibration trials, one per method x adapter x precision, at the cluster profile's
+    #    settings (planned micro-batch, max length, evaluation), filed in MLflow (~1 min per 8B trial):
+    python bench/project_cost.py calibrate --model /root/llama3-8b-random --precisions bf16
+    python bench/project_cost.py calibrate --model /root/llama3-8b-random --precisions nf4
+    # 2. Anywhere: project every trial of sweeps/multi_seed.py and sweeps/cita_fixes.py (profile lambda) and
+    #    append the table to BENCHMARKS.md:
+    python bench/project_cost.py project
+
+A trial's cost = setup + max_steps x (seconds per optimizer step) + held-out pairs x (seconds per pair scored)
++ generations x (seconds per generation), each rate measured by the calibration trial of the same method,
+adapter and precision (MLflow metrics time/setup_s, time/train_s, time/eval_logps_s, time/eval_generate_s).
+Step rates come from short runs and include the first (slow) step, so they overestimate slightly. What the
+calibration trained on (model, data) is printed with the projection: with a random-weights checkpoint and the
+generated data, sequences are shorter than PKU-SafeRLHF's, so calibrate on the cluster with the real model
+and `--data pku_saferlhf` for the projection that counts.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EXPERIMENT = "cost-calibration"
+STUDIES = ("multi_seed", "cita_fixes")
+RESEARCH_ESTIMATE_A100_H = 48.0
+
+
+def study_trials(profile_name: str = "lambda"):
+    """Every trial the research's study runs under a profile (both study scripts)."""
+    import importlib
+
+    from sweeps import profiles
+    from sweeps.spec import Spec, expand
+
+    profile = profiles.get(profile_name)
+    trials = []
+    for study in STUDIES:
+        spec = Spec.load(importlib.import_module(f"sweeps.{study}").spec(profile))
+        trials += expand(spec, profile.overrides, cuda=profile.cuda, step_scale=profile.step_scale)
+    return profile, trials
+
+
+def calibrate(model: str, precisions: list[str], steps: int, data: str, n_eval: int, n_generate: int,
+              tracking_uri: str | None, profile_name: str = "lambda") -> None:
+    from trainables import tracking
+    from trainables.trial import run_trial
+
+    profile, trials = study_trials(profile_name)
+    seen, uri = set(), tracking_uri or tracking.default_tracking_uri()
+    client = tracking.client(uri)
+    experiment = tracking.ensure_experiment(client, EXPERIMENT)
+    for t in trials:
+        c = t.config
+        kind = (c.method, c.adapter, c.precision)
+        if c.precision not in precisions or kind in seen:
+            continue
+        seen.add(kind)
+        cfg = c.model_dump(mode="json") | {
+            "model": model, "data": data, "max_steps": steps, "n_eval": n_eval,
+            "eval": c.eval.model_dump() | {"n_generate": n_generate}}
+        print(f"calibrating {'/'.join(kind)} on {model} ({steps} steps)", flush=True)
+        try:
+            run_trial(cfg, "|".join(kind), uri, experiment, gpu_share=profile.gpus_per_trial,
+                      plan_micro_batch=profile.plan_micro_batch)
+        except Exception as err:  # noqa: BLE001 - one failed kind must not lose the others
+            print(f"  failed: {type(err).__name__}: {err}", flush=True)
+
+
+def rates(tracking_uri: str | None) -> dict[tuple, dict]:
+    """Per (method, adapter, precision): median seconds per step, per pair scored, per generation, setup."""
+    from trainables import tracking
+
+    client = tracking.client(tracking_uri or tracking.default_tracking_uri())
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        raise SystemExit(f"no MLflow experiment {EXPERIMENT!r}: run `python bench/project_cost.py calibrate` first")
+    by_kind: dict[tuple, list] = {}
+    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000):
+        m, p, tags = r.data.metrics, r.data.params, r.data.tags
+        by_kind.setdefault((tags["method"], tags["adapter"], tags["precision"]), []).append({
+            "step_s": m["time/train_s"] / int(p["max_steps"]),
+            "pair_s": m["time/eval_logps_s"] / max(m["eval/n_items"], 1),
+            "generation_s": m["time/eval_generate_s"] / m["eval/n_generated"] if m["eval/n_generated"] else 0.0,
+            "setup_s": m["time/setup_s"], "model": p["model"], "data": p["data"],
+            "micro_batch": tags.get("exec_micro_batch", p["micro_batch"]), "device": tags.get("device", "")})
+    return {k: {f: (statistics.median(x[f] for x in v) if isinstance(v[0][f], float) else v[-1][f]) for f in v[0]}
+            for k, v in by_kind.items()}
+
+
+def trial_seconds(cfg, rate: dict) -> float:
+    return (rate["setup_s"] + cfg.max_steps * rate["step_s"] + cfg.n_eval * rate["pair_s"]
+            + min(cfg.eval.n_generate, cfg.n_eval) * rate["generation_s"])
+
+
+def project(tracking_uri: str | None, bench_file: str, profile_name: str = "lambda") -> str:
+    profile, trials = study_trials(profile_name)
+    measured = rates(tracking_uri)
+    missing = sorted({(t.config.method, t.config.adapter, t.config.precision) for t in trials} - set(measured))
+    if missing:
+        raise SystemExit(f"no calibration for {missing}: run `calibrate` with those precisions")
+    rows, total = {}, 0.0
+    for t in trials:
+        kind = (t.config.study, t.config.method, t.config.adapter, t.config.precision, t.config.max_steps)
+        seconds = trial_seconds(t.config, measured[kind[1:4]])
+        n, s = rows.get(kind, (0, 0.0))
+        rows[kind] = (n + 1, s + seconds)
+        total += seconds * profile.gpus_per_trial
+    hours = total / 3600
+    any_rate = next(iter(measured.values()))
+    lines = [f"\n## Projected cost of the full study — bench/project_cost.py — {datetime.date.today()}",
+             f"Calibration: MLflow experiment `{EXPERIMENT}` on {any_rate['device']}, model `{any_rate['model']}`, "
+             f"data `{any_rate['data']}`; "
+             f"profile {profile.name} settings ({profile.gpus_per_trial} GPU per trial, planned micro-batch: "
+             f"{profile.plan_micro_batch}). Per trial: setup + steps x s/step + pairs x s/pair + generations x s/generation.",
+             "", "| study | method | adapter | precision | steps | trials | s/step | micro-batch | GPU-h |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (study, method, adapter, precision, steps), (n, seconds) in sorted(rows.items()):
+        r = measured[(method, adapter, precision)]
+        lines.append(f"| {study} | {method} | {adapter} | {precision} | {steps} | {n} | {r['step_s']:.2f} | "
+                     f"{r['micro_batch']} | {seconds * profile.gpus_per_trial / 3600:.2f} |")
+    lines += ["", f"- **{len(trials)} trials: {hours:.1f} GPU-hours** on the calibration GPU, against the research's "
+              f"estimate of {RESEARCH_ESTIMATE_A100_H:.0f} A100-hours (a different GPU: compare with care).", ""]
+    text = "\n".join(lines)
+    print(text)
+    if bench_file:
+        with open(bench_file, "a") as fh:
+            fh.write(text)
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    cal = sub.add_parser("calibrate", help="run one short trial per method x adapter x precision (GPU)")
+    cal.add_argument("--model", required=True, help="model id or local checkpoint (e.g. random 8B weights)")
+    cal.add_argument("--precisions", nargs="+", default=["bf16", "nf4"])
+    cal.add_argument("--steps", type=int, default=12)
+    cal.add_argument("--data", default="generated", help="'generated', 'pku_saferlhf' or a local PKU copy")
+    cal.add_argument("--n-eval", type=int, default=64)
+    cal.add_argument("--n-generate", type=int, default=16)
+    for p in (cal, sub.add_parser("project", help="project the study's GPU-hours from the calibration")):
+        p.add_argument("--tracking-uri", default=None)
+        p.add_argument("--profile", default="lambda")
+    ap.add_argument("--bench-file", default="BENCHMARKS.md")
+    a = ap.parse_args()
+    if a.command == "calibrate":
+        calibrate(a.model, a.precisions, a.steps, a.data, a.n_eval, a.n_generate, a.tracking_uri, a.profile)
+    else:
+        project(a.tracking_uri, a.bench_file, a.profile)
+
+
+if __name__ == "__main__":
+    main()
