@@ -1,0 +1,237 @@
+"""The GPU memory planner against measured peaks (tests/fixtures/measured_peaks.csv) and its behaviour."""
+import csv
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainables import memory
+from trainables.config import TrialConfig
+from trainables.memory import GiB, ModelShape, estimate_eval, estimate_peak, gpu_fraction, plan_micro_batch
+
+FIXTURE = Path(__file__).parent / "fixtures" / "measured_peaks.csv"
+SHAPES = {  # built directly: no hub
+    "llama3-8b": ModelShape(vocab=128256, hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8,
+                            tied_embeddings=False),
+}
+LLAMA8B = SHAPES["llama3-8b"]
+SMOLLM2 = ModelShape(vocab=49152, hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, tied_embeddings=True)
+
+
+def trial(**kw) -> TrialConfig:
+    base = {"micro_batch": 1, "grad_accum": 1, "max_length": 1024, "max_prompt_length": 512}
+    return TrialConfig(**(base | kw))
+
+
+def test_measured_peaks_within_15_percent():
+    rows = list(csv.DictReader(FIXTURE.open()))
+    assert len(rows) == 10
+    table, worst = ["source | method | precision | mb | measured GiB | estimate GiB | error"], 0.0
+    for r in rows:
+        cfg = trial(method=r["method"], precision=r["precision"], micro_batch=int(r["micro_batch"]),
+                    max_length=int(r["seq_len"]), gradient_checkpointing=r["gradient_checkpointing"] == "true")
+        est = estimate_peak(cfg, SHAPES[r["shape"]], seq_len=int(r["seq_len"]))
+        err = est.gib / float(r["peak_gib"]) - 1
+        worst = max(worst, abs(err))
+        table.append(f"{r['source']} | {r['method']} | {r['precision']} | {r['micro_batch']} | {r['peak_gib']} | "
+                     f"{est.gib:.2f} | {err:+.1%}")
+    assert worst <= 0.15, "\n".join(table)
+
+
+def test_estimate_matches_a_measured_cpu_step_of_the_tiny_model(tiny_model):
+    """fp32 is the CPU profile: train the tiny model with TRL on CPU and measure the step's peak allocation."""
+    from datasets import Dataset
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from trainables import lora, models
+
+    cfg = trial(model=tiny_model, precision="fp32", micro_batch=2, max_length=128, max_prompt_length=64,
+                gradient_checkpointing=False)
+    model = AutoModelForCausalLM.from_pretrained(models.resolve(tiny_model), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    data = Dataset.from_list([{"input_ids": torch.randint(10, 40000, (128,), generator=gen).tolist()}
+                              for _ in range(4)])
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), report_to="none", save_strategy="no", max_steps=2,
+                     per_device_train_batch_size=2, gradient_checkpointing=False, use_cpu=True, bf16=False,
+                     optim="adamw_torch", max_length=128, logging_steps=1000, disable_tqdm=True,
+                     dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data,
+                         processing_class=models.load_tokenizer(tiny_model), peft_config=lora.peft_config(cfg))
+    seen = {}
+
+    class Measure(TrainerCallback):  # second step: the optimizer state exists, as in every later step
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            if state.global_step == 1:
+                live = {}
+                for t in [*model.parameters(), *(v for s in optimizer.state.values() for v in s.values())]:
+                    if torch.is_tensor(t):
+                        live[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                seen["start"] = sum(live.values())
+                seen["prof"] = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+                seen["prof"].__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if "prof" in seen and "peak" not in seen:
+                seen["prof"].__exit__(None, None, None)
+                events = []
+
+                def walk(node):
+                    if str(node.tag).endswith("Allocation"):
+                        events.append((node.start_time_ns, node.extra_fields.alloc_size))
+                    for child in node.children:
+                        walk(child)
+
+                for root in seen["prof"].profiler.kineto_results.experimental_event_tree():
+                    walk(root)
+                current = seen["peak"] = 0
+                for _, size in sorted(events):
+                    current += size
+                    seen["peak"] = max(seen["peak"], current)
+
+    trainer.add_callback(Measure())
+    trainer.train()
+    measured = seen["start"] + seen["peak"]
+    est = estimate_peak(cfg, memory.model_shape(tiny_model))
+    assert abs(est.total / measured - 1) <= 0.15, (est.total / 2**20, measured / 2**20, est.parts)
+
+
+def test_grows_with_micro_batch_and_seq_len():
+    for method in ("sft", "dpo", "cita"):
+        for precision in ("fp32", "bf16", "nf4", "int8"):
+            for gc in (True, False):
+                cfg = trial(method=method, precision=precision, gradient_checkpointing=gc)
+                totals = [estimate_peak(cfg, LLAMA8B, micro_batch=m, seq_len=s).total
+                          for m, s in ((1, 512), (2, 512), (2, 1024), (4, 1024))]
+                assert totals == sorted(totals) and len(set(totals)) == 4, (method, precision, gc, totals)
+
+
+def test_checkpointing_off_needs_more_activation_memory():
+    for precision in ("bf16", "nf4"):
+        on = estimate_peak(trial(precision=precision, gradient_checkpointing=True), LLAMA8B)
+        off = estimate_peak(trial(precision=precision, gradient_checkpointing=False), LLAMA8B)
+        assert off.parts["activations"] > 4 * on.parts["activations"]
+        assert off.total > on.total
+
+
+def test_dpo_counts_two_sequences_per_pair():
+    for precision in ("bf16", "nf4"):
+        sft = estimate_peak(trial(method="sft", precision=precision), LLAMA8B, micro_batch=4)
+        for method in ("dpo", "cita"):
+            pairs = estimate_peak(trial(method=method, precision=precision), LLAMA8B, micro_batch=2)
+            assert pairs.parts == sft.parts
+
+
+def test_logits_are_one_fused_head_tile_not_batch_x_seq_x_vocab():
+    """TRL 1.16 never materializes training logits: its fused LM head projects at most 4096 tokens x 32768
+    vocabulary columns at a time (bf16). SmolLM2's large vocabulary makes that tile the peak."""
+    def logits(mb, method="sft"):
+        est = estimate_peak(trial(method=method, max_length=256, max_prompt_length=128), SMOLLM2, micro_batch=mb)
+        assert est.moment == "lm_head backward"
+        return est.parts["logits"]
+
+    tile_columns, bf16 = 32768, 2
+    assert logits(1) == 255 * tile_columns * bf16  # one sequence: 255 scored positions
+    assert logits(4) == 4 * logits(1)              # linear in tokens up to 4096 ...
+    assert logits(17) == logits(32) == 4096 * tile_columns * bf16  # ... then flat (17 x 255 > 4096)
+    assert logits(4, "dpo") == logits(8)           # a DPO pair is 2 sequences
+    naive = 32 * 256 * SMOLLM2.vocab * 4           # batch x seq x vocab x 4 bytes
+    assert logits(32) < naive / 5
+
+
+def test_evaluation_materializes_fp32_logits():
+    """The research's warning (vocab x sequence x 4 bytes) applies to evaluate.sequence_logps: fp32 logits and
+    their fp32 log_softmax are alive together."""
+    cfg = trial(max_length=2048, max_prompt_length=1024, eval={"batch_size": 16})
+    est = estimate_eval(cfg, LLAMA8B)
+    assert est.parts["logits"] == 16 * 2048 * LLAMA8B.vocab * 4 * 2
+    assert est.total > estimate_peak(cfg, LLAMA8B).total  # worst case: it outgrows the training peak
+    assert memory.trial_peak(cfg, LLAMA8B) == est
+    short = estimate_eval(cfg, LLAMA8B, seq_len=256)
+    assert short.total < est.total
+
+
+def test_weights_nf4_int8_bf16_fp32():
+    weights = [estimate_peak(trial(precision=p), LLAMA8B).parts["weights"] for p in ("nf4", "int8", "bf16", "fp32")]
+    assert weights == sorted(weights) and len(set(weights)) == 4
+    assert weights[3] == 2 * weights[2] == 4 * LLAMA8B.n_params
+    # int8: one byte per quantized weight plus per-row scales; the bf16 embeddings/lm_head are the rest
+    int8_linears = weights[1] - 2 * (LLAMA8B.n_params - LLAMA8B.linear_params)
+    assert LLAMA8B.linear_params < int8_linears < 1.01 * LLAMA8B.linear_params
+
+
+def test_grit_adds_little():
+    lora = estimate_peak(trial(adapter="lora"), LLAMA8B)
+    grit = estimate_peak(trial(adapter="grit"), LLAMA8B)
+    assert 0 < grit.total - lora.total < 0.01 * lora.total
+
+
+def test_plan_keeps_effective_batch_and_picks_bigger_micro_batches_for_bigger_budgets():
+    cfg = trial(micro_batch=4, grad_accum=6, max_length=2048, max_prompt_length=1024)  # effective batch 24
+    planned = []
+    for budget_gib in (20, 24, 32, 48, 80):
+        mb, accum, est = plan_micro_batch(cfg, LLAMA8B, budget_gib * GiB)
+        assert 24 % mb == 0 and mb * accum == 24
+        assert memory.required_bytes(est) <= budget_gib * GiB
+        assert est == estimate_peak(cfg, LLAMA8B, micro_batch=mb)
+        bigger = [d for d in range(mb + 1, 25) if 24 % d == 0]
+        if bigger:  # the largest that fits: the next divisor does not
+            assert memory.required_bytes(estimate_peak(cfg, LLAMA8B, micro_batch=bigger[0])) > budget_gib * GiB
+        planned.append(mb)
+    assert planned == sorted(planned) and planned[0] < planned[-1]
+    mb, accum, _ = plan_micro_batch(cfg, LLAMA8B, 80 * GiB, max_micro_batch=5)
+    assert mb == 4 and accum == 6
+
+
+def test_plan_raises_when_nothing_fits():
+    cfg = trial(model="meta-llama/Meta-Llama-3.1-8B", precision="bf16", micro_batch=2, grad_accum=4)
+    with pytest.raises(ValueError, match=r"Meta-Llama-3.1-8B \(bf16.*GiB.*budget is 12.00 GiB"):
+        plan_micro_batch(cfg, LLAMA8B, 12 * GiB)
+    assert plan_micro_batch(cfg.model_copy(update={"precision": "nf4"}), LLAMA8B, 12 * GiB)[0] >= 1
+
+
+def test_gpu_fraction_is_one_over_k_and_packs_small_trials():
+    gpu = 80 * 10**9
+    small = estimate_peak(trial(model="embedded:smollm2-135m-instruct", micro_batch=2, max_length=128,
+                                max_prompt_length=96, gradient_checkpointing=False), SMOLLM2)
+    big = estimate_peak(trial(), LLAMA8B)
+    for est in (small, big):
+        frac = gpu_fraction(est, gpu)
+        k = round(1 / frac)
+        assert frac == 1 / k and k >= 1
+        assert gpu // k >= memory.required_bytes(est)  # the share holds it, headroom included
+        assert k == 16 or gpu // (k + 1) < memory.required_bytes(est)  # and no smaller share would
+    assert gpu_fraction(small, gpu) <= 1 / 4 and gpu_fraction(small, gpu) < gpu_fraction(big, gpu)
+    assert gpu_fraction(small, gpu, max_per_gpu=4) == 1 / 4
+    with pytest.raises(ValueError, match="GiB"):
+        gpu_fraction(estimate_peak(trial(precision="fp32", micro_batch=8), LLAMA8B), 24 * GiB)
+
+
+def test_headroom_is_context_plus_allocator_slack():
+    est = estimate_peak(trial(), LLAMA8B)
+    assert memory.required_bytes(est) - est.total >= memory.CUDA_CONTEXT_BYTES
+    assert 0 < est.transient < est.total - est.parts["weights"]
+
+
+def test_model_shape_of_tiny_model_matches_its_parameters(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from trainables import models
+
+    shape = memory.model_shape(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(models.resolve(tiny_model))
+    assert shape.n_params == sum(p.numel() for p in model.parameters())
+    assert shape.tied_embeddings and shape.layers == model.config.num_hidden_layers
+
+
+def test_from_hf_config_counts_llama8b_parameters():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    assert ModelShape.from_hf_config(config) == LLAMA8B
+    with torch.device("meta"):  # no memory: parameter shapes only
+        model = LlamaForCausalLM(config)
+    assert LLAMA8B.n_params == sum(p.numel() for p in model.parameters())

@@ -1,0 +1,320 @@
+"""GPU memory planner: a trial's peak training memory, the micro-batch that fits a budget, the GPU fraction to pack.
+
+The estimate adds up the bytes of the tensors alive at the peak moment of one TRL 1.16 step (LoRA/GRIT on a
+Llama-family decoder), from the model's shape; it is not fitted to measurements (tests/fixtures holds those).
+What TRL 1.16 + transformers 5.17 + PEFT 0.21 keep in memory, as read from their code:
+- Logits are never materialized in training. TRL patches the model with a fused LM head
+  (`trl.kernels.ChunkedLogProbFunction`): it projects the scored positions in tiles of at most 4096 tokens x 32768
+  vocabulary columns (bf16 under autocast, folded into fp32 per-token statistics) and recomputes each tile in the
+  backward. So the "logits" term is one tile, flat in batch and sequence beyond 4096 tokens: not
+  batch x seq x vocab x 4 bytes. (Evaluation does materialize them: see `estimate_eval`.)
+- DPO and CITA run chosen and rejected as one batch of 2 x micro_batch sequences; the reference pass runs after the
+  policy forward, under no_grad with checkpointing off and the adapter disabled: its working set is one layer's
+  forward transients, smaller than the policy backward's, so it never sets the peak.
+- Non-reentrant checkpointing keeps each decoder layer's input (1 hidden state per layer) and recomputes one layer
+  at a time in the backward: that layer's saved tensors plus its gradients are the backward's working set.
+- A frozen Linear saves no activation (its weight gets no gradient); LoRA's lora_A saves its input. PEFT keeps LoRA
+  weights fp32 over a bf16 base and casts the input to fp32, which bf16 autocast casts back: every LoRA module then
+  saves its own bf16 copy of its input. For nf4/int8 TRL casts the LoRA weights to bf16: no copies, and params,
+  grads and AdamW states are bf16.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from trainables.config import TrialConfig
+
+GiB = 2**30
+
+# --- headroom: what max_memory_allocated() does not see ---------------------------------------------------------
+CUDA_CONTEXT_BYTES = GiB // 2  # per process: CUDA context, cuBLAS/cuDNN handles and kernels
+# The caching allocator reserves more than it hands out: blocks cut for other shapes (sequence lengths vary per
+# batch; evaluation and generation use yet others) stay cached. Charged on the step's transient part only (weights
+# and optimizer state are allocated once). The one datum (BENCHMARKS.md, SmolLM2 sweep packed 4 per H100, training
+# and evaluation): 4.66 GiB per trial in nvidia-smi against a 1.88 GiB allocated peak of which ~0.32 GiB static,
+# i.e. the context + 1.5x the transient part. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would shrink it.
+ALLOCATOR_SLACK = 1.5
+
+
+def required_bytes(estimate: MemoryEstimate) -> int:
+    """GPU memory a process needs for `estimate`: the allocated peak plus context and allocator headroom."""
+    return estimate.total + CUDA_CONTEXT_BYTES + math.ceil(ALLOCATOR_SLACK * estimate.transient)
+
+
+# --- the model -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on (a Llama-family decoder: GQA attention, SwiGLU MLP, RMSNorm, no biases)."""
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied_embeddings: bool
+    head_dim: int = 0  # 0: hidden // heads (set it for models that decouple the two)
+
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+
+    @classmethod
+    def from_hf_config(cls, config) -> ModelShape:
+        c = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return cls(vocab=c.vocab_size, hidden=c.hidden_size, intermediate=c.intermediate_size,
+                   layers=c.num_hidden_layers, heads=c.num_attention_heads,
+                   kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                   tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+                   head_dim=getattr(c, "head_dim", None) or 0)
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each Linear in a decoder layer, by the module names LoRA targets."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:  # what bitsandbytes quantizes: every decoder Linear (not lm_head)
+        return self.layers * sum(a * b for a, b in self.projections().values())
+
+    @property
+    def n_params(self) -> int:
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        norms = (2 * self.layers + 1) * self.hidden
+        return embeddings + self.linear_params + norms
+
+
+@functools.lru_cache(maxsize=64)
+def model_shape(model_name: str) -> ModelShape:
+    """Shape of a config's model name (hub id, local dir, embedded, tiny-random): reads the config, no weights."""
+    from transformers import AutoConfig
+
+    from trainables import models
+
+    return ModelShape.from_hf_config(models.from_pretrained(AutoConfig, model_name))
+
+
+# --- precision -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Precision:
+    act: int                # bytes per activation element (bf16 autocast or fp32)
+    lora: int               # bytes per LoRA param; grads and AdamW states take the param's dtype
+    lora_copy: bool         # fp32 LoRA under bf16 autocast: each LoRA module saves a bf16 copy of its input
+    base_saves_input: bool  # bnb's MatMul8bitLt keeps its input for backward; frozen nn.Linear and MatMul4Bit don't
+    quantized: bool         # bnb dequantizes a weight matrix to bf16 for each input gradient
+
+
+_PRECISIONS = {
+    "fp32": _Precision(act=4, lora=4, lora_copy=False, base_saves_input=False, quantized=False),
+    "bf16": _Precision(act=2, lora=4, lora_copy=True, base_saves_input=False, quantized=False),
+    "nf4": _Precision(act=2, lora=2, lora_copy=False, base_saves_input=False, quantized=True),
+    "int8": _Precision(act=2, lora=2, lora_copy=False, base_saves_input=True, quantized=True),
+}
+# NF4 with double quantization: 4 bits + one 8-bit absmax per 64-weight block + one fp32 absmax per 256 blocks.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# TRL's fused LM head (trl/kernels/chunked_logprob.py) allocates one buffer of TOKEN_CHUNK_SIZE tokens x
+# chunk_size columns (32768, whatever the vocabulary) in the compute dtype, forward and backward.
+LM_TILE_TOKENS, LM_TILE_VOCAB = 4096, 32768
+# fp32 is the CPU profile: without Triton, TRL folds each tile with torch ops whose temporaries coexist with the
+# buffer (backward: y, z, log_p, p, grad, the target mask as float and its difference/product: 7 fp32 values and
+# the bool mask per tile element; measured on CPU: 7.3 tiles).
+CPU_TILE_TEMP_BYTES = 7 * 4 + 1
+
+
+def weight_bytes(shape: ModelShape, precision: str) -> int:
+    """Base model weights. nf4/int8 quantize the decoder Linears; embeddings, lm_head and norms stay bf16."""
+    other = shape.n_params - shape.linear_params
+    if precision == "fp32":
+        return 4 * shape.n_params
+    if precision == "bf16":
+        return 2 * shape.n_params
+    if precision == "nf4":
+        return math.ceil(NF4_BYTES_PER_PARAM * shape.linear_params) + 2 * other
+    if precision == "int8":  # int8 weights + one fp32 scale per output row
+        rows = shape.layers * sum(out for _, out in shape.projections().values())
+        return shape.linear_params + 4 * rows + 2 * other
+    raise ValueError(f"precision = {precision!r}; allowed: fp32, bf16, nf4, int8")
+
+
+def lora_params(cfg: TrialConfig, shape: ModelShape) -> int:
+    proj = shape.projections()
+    unknown = [m for m in cfg.lora.target_modules if m not in proj]
+    if unknown:
+        raise ValueError(f"lora.target_modules {unknown}: the planner knows {sorted(proj)}")
+    return shape.layers * sum(cfg.lora.r * sum(proj[m]) for m in cfg.lora.target_modules)
+
+
+def _optimizer_bytes(optim: str, dtype_bytes: int) -> tuple[int, int]:
+    """(state bytes, step temporary bytes) per trainable param for an HF `optim` name."""
+    if "8bit" in optim:
+        return 2, 0
+    if optim.startswith("sgd") or "adafactor" in optim:
+        return 0, 0  # HF's SGD has no momentum by default; Adafactor's factored state is O(rows + cols)
+    # AdamW: exp_avg + exp_avg_sq in the param's dtype; the foreach step allocates sqrt(exp_avg_sq) once
+    return 2 * dtype_bytes, (0 if "fused" in optim else dtype_bytes)
+
+
+# --- the estimate ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parts: dict[str, int]  # bytes per component at the peak moment
+    total: int             # sum of the parts: the peak, i.e. the largest of the step's candidate moments
+    moment: str = ""       # which moment is the peak
+    static: int = 0        # weights + adapter state: allocated once, no allocator churn
+
+    @property
+    def gib(self) -> float:
+        return self.total / GiB
+
+    @property
+    def transient(self) -> int:
+        return self.total - self.static
+
+
+def _layer_saved(cfg: TrialConfig, shape: ModelShape, p: _Precision, tokens: int, padded: bool) -> int:
+    """Bytes one decoder layer keeps for its backward (checked against autograd's saved tensors on CPU)."""
+    a, t, h, i = p.act, tokens, shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    targets = set(cfg.lora.target_modules)
+
+    def linear_input(modules, width):  # one input read by these Linears
+        lora = len(targets.intersection(modules))
+        if p.lora_copy:
+            return lora * a * t * width  # a bf16 copy per LoRA module
+        return a * t * width if lora or p.base_saves_input else 0
+
+    saved = 2 * 4 * t * h  # both RMSNorms keep their input in fp32
+    saved += linear_input(("q_proj", "k_proj", "v_proj"), h) + linear_input(("gate_proj", "up_proj"), h)
+    saved += linear_input(("down_proj",), i)
+    saved += a * t * q if p.lora_copy and "o_proj" in targets else 0  # o_proj's input is SDPA's saved output
+    kv_saved = q if padded else kv  # with a padding mask transformers repeats K/V to all heads for SDPA
+    saved += a * t * (2 * q + 2 * kv_saved) + 4 * t * shape.heads  # q, k, v, output, logsumexp
+    saved += 3 * a * t * i  # SiLU keeps gate's output; the product keeps silu(gate) and up's output
+    saved += len(targets) * a * t * cfg.lora.r  # lora_B keeps the rank-r activation
+    return saved
+
+
+def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None = None,
+                  seq_len: int | None = None) -> MemoryEstimate:
+    """Peak allocated GPU memory of a training step (torch.cuda.max_memory_allocated).
+
+    micro_batch defaults to cfg.micro_batch, seq_len to cfg.max_length (the worst case: batches are padded to at
+    most max_length). DPO/CITA run 2 sequences (chosen, rejected) per pair. The peak is the largest of three
+    moments, each the static part (weights, LoRA params + grads + optimizer states, GRIT statistics) plus:
+    - "layer backward": the checkpointed layer inputs (all layers' saved tensors without checkpointing), the
+      recomputed layer's saved tensors and its gradient working set (dominant for wide models);
+    - "lm_head backward": the same stored activations plus the fused LM head's saved input, its fp32 gradient
+      accumulator and one logits tile (dominant for small models with large vocabularies);
+    - "optimizer step": the optimizer's temporaries.
+    Gradients are counted as alive throughout: they are with gradient accumulation (after the first micro-batch).
+    """
+    p = _PRECISIONS[cfg.precision]
+    mb = cfg.micro_batch if micro_batch is None else micro_batch
+    seq = cfg.max_length if seq_len is None else seq_len
+    seqs = mb * (2 if cfg.method in ("dpo", "cita") else 1)
+    t, h, i, a = seqs * seq, shape.hidden, shape.intermediate, p.act
+    padded = seqs > 1  # a padding mask switches SDPA to the masked kernel (and costs seqs x seq^2 bools)
+
+    n_lora = lora_params(cfg, shape)
+    state, step_tmp = _optimizer_bytes(cfg.optim, p.lora)
+    adapter = n_lora * (2 * p.lora + state)  # params + grads + optimizer states
+    grit = 0
+    if cfg.adapter == "grit":  # ~10 r x r fp32 matrices per module (statistics, inverses, projections, caches),
+        n_mod = shape.layers * len(cfg.lora.target_modules)  # plus the rank-r activation each hook holds
+        grit = n_mod * (10 * cfg.lora.r ** 2 * 4 + 2 * t * cfg.lora.r * a)  # and the sampled gradient
+    static = {"weights": weight_bytes(shape, cfg.precision), "adapter": adapter, "grit": grit}
+    allocated_once = static["weights"] + adapter
+
+    layer = _layer_saved(cfg, shape, p, t, padded)
+    mask = seqs * seq * seq if padded else 0
+    if cfg.gradient_checkpointing:
+        stored = shape.layers * a * t * h + mask  # each layer's input
+        recomputed = layer
+    else:
+        stored = shape.layers * layer + mask
+        recomputed = 0
+        if p.lora_copy:  # the graph also keeps each layer's bf16 autocast cast of the fp32 LoRA weights
+            stored += 2 * n_lora
+    # Backward through the MLP holds two T x I gradients beyond the saved tensors (the down input's gradient from
+    # the LoRA and base paths, or with fp32 LoRA its bf16 + fp32 casts; then silu's and up's while the product's
+    # is alive and the down input is released), plus the gradients of the layer output and of the residual.
+    mlp_bwd = 2 * a * t * i
+    if p.quantized:  # bnb dequantizes down_proj's weight (bf16) for the base path's input gradient, beside the
+        # LoRA path's gradient; nf4 has released the down input by then (only lora_A kept it), int8 has not
+        dequant = 2 * shape.intermediate * shape.hidden
+        mlp_bwd = max(mlp_bwd, (2 if p.base_saves_input else 1) * a * t * i + dequant)
+    layer_bwd = mlp_bwd + 2 * a * t * h
+
+    scored = seqs * (seq - 1)  # worst case: every position has a label
+    rows = min(scored, LM_TILE_TOKENS)
+    logits = rows * LM_TILE_VOCAB * a
+    if cfg.precision == "fp32":
+        logits += rows * min(shape.vocab, LM_TILE_VOCAB) * CPU_TILE_TEMP_BYTES
+    lm_saved = 4 * t * h + a * scored * h  # final RMSNorm's fp32 input; the LM head's input (a gathered copy)
+    lm_bwd = 4 * scored * h + a * scored * h  # fp32 gradient accumulator of the hidden states, and its cast
+
+    zero = {"activations": 0, "logits": 0, "backward": 0, "optimizer_step": 0}
+    moments = {
+        "layer backward": {**zero, "activations": stored + recomputed, "backward": layer_bwd},
+        "lm_head backward": {**zero, "activations": stored + lm_saved, "logits": logits, "backward": lm_bwd},
+        "optimizer step": {**zero, "optimizer_step": n_lora * step_tmp},
+    }
+    moment, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
+    parts = {**static, **parts}
+    return MemoryEstimate(parts=parts, total=sum(parts.values()), moment=moment, static=allocated_once)
+
+
+def estimate_eval(cfg: TrialConfig, shape: ModelShape, seq_len: int | None = None) -> MemoryEstimate:
+    """Peak of the trial's evaluation (trainables/evaluate.sequence_logps), which DOES materialize the logits:
+    eval.batch_size x seq x vocab, bf16 from the model, an fp32 copy, then fp32 log_softmax beside it: 8 bytes
+    per logit at the peak. It can exceed the training peak; pack trials by the larger of the two (`trial_peak`).
+    Evaluation does not truncate: seq_len defaults to max_length, pass the held-out set's longest prompt +
+    completion when known. Generation (KV cache, last-token logits) is not modelled."""
+    p = _PRECISIONS[cfg.precision]
+    seqs, seq = cfg.eval.batch_size, cfg.max_length if seq_len is None else seq_len
+    t = seqs * seq
+    state, _ = _optimizer_bytes(cfg.optim, p.lora)  # the trainer (and its optimizer state) is still alive
+    static = {"weights": weight_bytes(shape, cfg.precision), "adapter": lora_params(cfg, shape) * (p.lora + state),
+              "grit": 0}
+    # no_grad forward: one layer's transients (gate/up outputs, their product, a few hidden states, the fp32
+    # LoRA input cast) and the padding mask
+    acts = p.act * t * (3 * shape.intermediate + 4 * shape.hidden) + seqs * seq * seq
+    acts += 4 * t * shape.intermediate if p.lora_copy else 0
+    parts = {**static, "activations": acts, "logits": 8 * t * shape.vocab, "backward": 0, "optimizer_step": 0}
+    return MemoryEstimate(parts=parts, total=sum(parts.values()), moment="evaluation",
+                          static=sum(static.values()))
+
+
+def trial_peak(cfg: TrialConfig, shape: ModelShape) -> MemoryEstimate:
+    """The larger of the training and evaluation peaks: what a trial's share of a GPU must hold."""
+    return max(estimate_peak(cfg, shape), estimate_eval(cfg, shape), key=lambda e: e.total)
+
+
+# --- planning --------------------------------------------------------------------------------------------------
+def plan_micro_batch(cfg: TrialConfig, shape: ModelShape, budget_bytes: int,
+                     max_micro_batch: int | None = None) -> tuple[int, int, MemoryEstimate]:
+    """Largest micro-batch dividing the effective batch (micro_batch x grad_accum, kept unchanged) whose training
+    estimate plus headroom fits `budget_bytes`. Returns (micro_batch, grad_accum, estimate)."""
+    effective = cfg.micro_batch * cfg.grad_accum
+    limit = effective if max_micro_batch is None else min(effective, max_micro_batch)
+    for mb in (d for d in range(limit, 0, -1) if effective % d == 0):
+        est = estimate_peak(cfg, shape, micro_batch=mb)
+        if required_bytes(est) <= budget_bytes:
+            return mb, effective // mb, est
+    est = estimate_peak(cfg, shape, micro_batch=1)
+    raise ValueError(
+        f"{cfg.model} ({cfg.precision}, {cfg.method}, max_length {cfg.max_length}) does not fit: micro_batch=1 "
+        f"needs {required_bytes(est) / GiB:.2f} GiB (estimate {est.gib:.2f} GiB + headroom) but the budget is "
+        f"{budget_bytes / GiB:.2f} GiB")
+
+
+def gpu_fraction(estimate: MemoryEstimate, gpu_bytes: int, max_per_gpu: int = 16) -> float:
+    """Smallest 1/k (k <= max_per_gpu) of a GPU of gpu_bytes whose share holds the estimate plus headroom: Ray's
+    fractional GPU resource for packing k trials per GPU."""
+    need = required_bytes(estimate)
+    if need > gpu_bytes:
+        raise ValueError(f"needs {need / GiB:.2f} GiB (estimate {estimate.gib:.2f} GiB + headroom), more than "
+                         f"the GPU's {gpu_bytes / GiB:.2f} GiB")
+    return 1.0 / min(max_per_gpu, gpu_bytes // need)
