@@ -69,7 +69,7 @@ def gpu_shares(trials: list[Trial], profile: Profile) -> list[float]:
 
     shapes = {name: memory.model_shape(name) for name in {t.config.model for t in trials}}
     return [min(profile.gpus_per_trial,
-                memory.gpu_fraction(memory.estimate_peak(t.config, shapes[t.config.model]), int(gpu_gib * 2**30)))
+                memory.gpu_fraction(memory.trial_peak(t.config, shapes[t.config.model]), int(gpu_gib * 2**30)))
             for t in trials]
 
 

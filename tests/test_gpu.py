@@ -22,3 +22,24 @@ def test_trial_on_cuda(precision, adapter, runs, tiny_model):
     assert metrics["sys/peak_gpu_mem_gib"] > 0
     if adapter == "grit":
         assert metrics["grit/steps_preconditioned"] >= 1
+
+
+def test_planned_micro_batch_keeps_the_effective_batch_and_the_estimate_holds(runs, tiny_model):
+    """With plan_micro_batch the trial trains at the planner's micro-batch for its GPU share; the measured peak
+    stays under the planner's estimate + headroom."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (this test is opt-in with -m gpu)")
+    from trainables import memory
+    from trainables.config import TrialConfig
+
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "gpu")
+    cfg = tiny_trial(method="sft", precision="bf16", micro_batch=1, grad_accum=8)
+    metrics = run_trial(cfg, "planned", runs, exp, gpu_share=0.5, plan_micro_batch=True)
+    (run,) = client.search_runs([exp])
+    tags = run.data.tags
+    micro, accum = int(tags["exec_micro_batch"]), int(tags["exec_grad_accum"])
+    assert micro * accum == 8 and micro == 8 and "estimated peak" in tags["memory_plan"]
+    estimate = memory.trial_peak(TrialConfig(**cfg).model_copy(update={"micro_batch": micro}),
+                                 memory.model_shape(tiny_model))
+    assert metrics["sys/peak_gpu_mem_gib"] * 2**30 <= memory.required_bytes(estimate)

@@ -66,3 +66,29 @@ def test_cluster_profiles_refuse_a_local_store(runs):
     spec = Spec.load({"study": "c", "seeds": [1]})
     with pytest.raises(SpecError, match="MLFLOW_TRACKING_URI"):
         run_sweep(spec, profiles.get("tacc"), tracking_uri=runs)
+
+
+def test_packing_by_memory_sizes_each_trials_gpu_share(tiny_model):
+    """GPU share per trial from the memory planner: the smallest 1/k of a GPU holding the trial's peak + headroom,
+    capped by the profile's share; a profile without packing keeps its fixed share."""
+    from dataclasses import replace
+
+    from sweeps.runner import gpu_shares
+    from sweeps.spec import expand
+    from trainables import memory
+
+    packed = Profile("t", tiny_trial(), cpus_per_trial=1, gpus_per_trial=1, precisions=("fp32",),
+                     pack_by_memory=True, gpu_mem_gib=80)
+    spec = Spec.load({"study": "s", "seeds": [1], "variants": [{"method": "sft"}, {"method": "dpo", "max_length": 1024,
+                                                                                  "max_prompt_length": 512}]})
+    trials = expand(spec, packed.overrides, cuda=True)
+    shares = gpu_shares(trials, packed)
+    assert shares[0] == 1 / 16  # a short tiny trial: as many per GPU as allowed
+    assert shares[1] > shares[0]  # the longer DPO trial needs a bigger share
+    shares = gpu_shares(trials, replace(packed, gpu_mem_gib=24))
+    shape = memory.model_shape(tiny_model)
+    for t, share in zip(trials, shares):
+        need = memory.required_bytes(memory.trial_peak(t.config, shape))
+        # holds it, and is the smallest 1/k that does (up to 16 per GPU)
+        assert need <= share * 24 * 2**30 and (share == 1 / 16 or need > 24 * 2**30 / (1 / share + 1))
+    assert gpu_shares(trials, replace(packed, pack_by_memory=False, gpus_per_trial=0.25)) == [0.25, 0.25]

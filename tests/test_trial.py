@@ -143,3 +143,30 @@ def test_accumulation_is_equivalent_to_a_bigger_micro_batch(method, tiny_model, 
     assert len(losses[0]) == 3
     for other in losses[1:]:
         assert other == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
+
+
+def test_chunked_log_probs_equal_the_full_logits_ones(tiny_model, monkeypatch):
+    """Evaluation scores through the LM head a chunk of positions at a time; the log-probs are those of the
+    model's own logits, with the adapter on, and differ with it off."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainables import evaluate, lora, models
+
+    model = lora.attach(AutoModelForCausalLM.from_pretrained(models.resolve(tiny_model)),
+                        TrialConfig(model=tiny_model))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter: B != 0
+            torch.nn.init.normal_(p, std=0.5)
+    monkeypatch.setattr(evaluate, "LOGITS_CHUNK_TOKENS", 7)  # chunks that cut across sequences
+    ids = torch.randint(0, 1000, (3, 20))
+    attn = torch.ones_like(ids)
+    attn[1, 12:] = 0
+    with torch.no_grad():
+        chunked = evaluate._token_logps(model, ids, attn)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        full = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]).squeeze(2)
+        with model.disable_adapter():
+            reference = evaluate._token_logps(model, ids, attn)
+    assert torch.allclose(chunked, full, atol=1e-5)
+    assert not torch.allclose(chunked, reference, atol=1e-3)

@@ -69,10 +69,29 @@ def sequence_logps(model, tokenizer, prompts: list[str], completions: list[str],
             attn[row, :len(seqs[j])] = 1
             comp[row, len(p_ids[j]):len(seqs[j])] = True
         ids, attn, comp = ids.to(device), attn.to(device), comp.to(device)
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
-        token_logps = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]).squeeze(2)
-        out[idx] = (token_logps * comp[:, 1:]).sum(1).cpu().numpy()
+        out[idx] = (_token_logps(model, ids, attn) * comp[:, 1:]).sum(1).cpu().numpy()
     return out
+
+
+LOGITS_CHUNK_TOKENS = 1024  # an 8B model's fp32 logits are 0.5 GB per 1024 tokens
+
+
+def _token_logps(model, ids, attn) -> torch.Tensor:
+    """log p(ids[:, 1:]) per token, with the LM head applied to LOGITS_CHUNK_TOKENS positions at a time: the full
+    batch x seq x vocab logits (fp32 and their log-softmax: 63 GiB for an 8B model at batch 32 x 2048) never exist."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "final_logit_softcapping", None):  # logits post-processed in forward: take them whole
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1].float()
+        return torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]).squeeze(2)
+    hidden = base.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state[:, :-1]
+    head = base.get_output_embeddings()
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), ids[:, 1:].reshape(-1)
+    out = torch.empty(targets.shape, dtype=torch.float32, device=ids.device)
+    for start in range(0, len(targets), LOGITS_CHUNK_TOKENS):
+        rows = slice(start, start + LOGITS_CHUNK_TOKENS)
+        logits = head(hidden[rows]).float()
+        out[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - logits.logsumexp(-1)
+    return out.view(ids.shape[0], -1)
 
 
 @torch.no_grad()

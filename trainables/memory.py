@@ -7,7 +7,7 @@ What TRL 1.16 + transformers 5.17 + PEFT 0.21 keep in memory, as read from their
   (`trl.kernels.ChunkedLogProbFunction`): it projects the scored positions in tiles of at most 4096 tokens x 32768
   vocabulary columns (bf16 under autocast, folded into fp32 per-token statistics) and recomputes each tile in the
   backward. So the "logits" term is one tile, flat in batch and sequence beyond 4096 tokens: not
-  batch x seq x vocab x 4 bytes. (Evaluation does materialize them: see `estimate_eval`.)
+  batch x seq x vocab x 4 bytes. (Evaluation bounds them by its own chunking: see `estimate_eval`.)
 - DPO and CITA run chosen and rejected as one batch of 2 x micro_batch sequences; the reference pass runs after the
   policy forward, under no_grad with checkpointing off and the adapter disabled: its working set is one layer's
   forward transients, smaller than the policy backward's, so it never sets the peak.
@@ -267,11 +267,14 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
 
 
 def estimate_eval(cfg: TrialConfig, shape: ModelShape, seq_len: int | None = None) -> MemoryEstimate:
-    """Peak of the trial's evaluation (trainables/evaluate.sequence_logps), which DOES materialize the logits:
-    eval.batch_size x seq x vocab, bf16 from the model, an fp32 copy, then fp32 log_softmax beside it: 8 bytes
-    per logit at the peak. It can exceed the training peak; pack trials by the larger of the two (`trial_peak`).
-    Evaluation does not truncate: seq_len defaults to max_length, pass the held-out set's longest prompt +
-    completion when known. Generation (KV cache, last-token logits) is not modelled."""
+    """Peak of the trial's evaluation (trainables/evaluate.sequence_logps): a no_grad forward of eval.batch_size
+    sequences to the final hidden states, then the LM head over LOGITS_CHUNK_TOKENS positions at a time: one chunk of
+    logits in the model's dtype, its fp32 copy and the fp32 logsumexp temporary (the research's warning, vocab x
+    sequence x 4 bytes, bounded by the chunk). Evaluation does not truncate: seq_len defaults to max_length, pass
+    the held-out set's longest prompt + completion when known. Generation (KV cache, last-token logits) is not
+    modelled."""
+    from trainables.evaluate import LOGITS_CHUNK_TOKENS
+
     p = _PRECISIONS[cfg.precision]
     seqs, seq = cfg.eval.batch_size, cfg.max_length if seq_len is None else seq_len
     t = seqs * seq
@@ -279,11 +282,15 @@ def estimate_eval(cfg: TrialConfig, shape: ModelShape, seq_len: int | None = Non
     static = {"weights": weight_bytes(shape, cfg.precision), "adapter": lora_params(cfg, shape) * (p.lora + state),
               "grit": 0}
     # no_grad forward: one layer's transients (gate/up outputs, their product, a few hidden states, the fp32
-    # LoRA input cast) and the padding mask
-    acts = p.act * t * (3 * shape.intermediate + 4 * shape.hidden) + seqs * seq * seq
-    acts += 4 * t * shape.intermediate if p.lora_copy else 0
-    parts = {**static, "activations": acts, "logits": 8 * t * shape.vocab, "backward": 0, "optimizer_step": 0}
-    return MemoryEstimate(parts=parts, total=sum(parts.values()), moment="evaluation",
+    # LoRA input cast) and the padding mask; then the final hidden states stay while the head runs chunk by chunk
+    layer = p.act * t * (3 * shape.intermediate + 4 * shape.hidden) + seqs * seq * seq
+    layer += 4 * t * shape.intermediate if p.lora_copy else 0
+    moments = {"layer forward": {"activations": layer, "logits": 0},
+               "lm head": {"activations": p.act * t * shape.hidden,
+                           "logits": min(t, LOGITS_CHUNK_TOKENS) * shape.vocab * (p.act + 4 + 4)}}
+    moment, transient = max(moments.items(), key=lambda kv: sum(kv[1].values()))
+    parts = {**static, **transient, "backward": 0, "optimizer_step": 0}
+    return MemoryEstimate(parts=parts, total=sum(parts.values()), moment=f"evaluation {moment}",
                           static=sum(static.values()))
 
 
