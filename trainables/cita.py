@@ -59,15 +59,14 @@ def _trainer_class():
                 ref_chosen, ref_rejected = self.compute_ref_log_probs(model, inputs)
             loss, parts = cita_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta, self.lambda_kl,
                                     self.anchor)
-            gather = self.accelerator.gather_for_metrics
-            m = self._metrics[mode]
-            for name, value in parts.items():
-                m[f"cita/{name}"].append(gather(value).mean().item())
-            m["cita/accuracy"].append(gather((chosen > rejected).float()).mean().item())
-            m["logps/chosen"].append(gather(chosen.detach()).mean().item())
-            m["logps/rejected"].append(gather(rejected.detach()).mean().item())
-            m["logps/ref_chosen"].append(gather(ref_chosen).mean().item())
-            m["logps/ref_rejected"].append(gather(ref_rejected).mean().item())
+            values = {**{f"cita/{name}": value for name, value in parts.items()},
+                      "cita/accuracy": (chosen > rejected).float().mean(),
+                      "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean(),
+                      "logps/ref_chosen": ref_chosen.mean(), "logps/ref_rejected": ref_rejected.mean()}
+            # one gather and one host sync for all of them (a .item() each would stall the GPU nine times)
+            means = self.accelerator.gather_for_metrics(torch.stack(list(values.values()))[None]).mean(0).tolist()
+            for name, value in zip(values, means):
+                self._metrics[mode][name].append(value)
             return (loss, outputs) if return_outputs else loss
 
     return CITATrainer
