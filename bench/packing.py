@@ -55,7 +55,7 @@ def run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, override
     import torch
 
     from sweeps import multi_seed, profiles
-    from sweeps.cli import _apply_overrides
+    from sweeps.cli import apply_overrides
     from sweeps.runner import run_sweep
     from sweeps.spec import Spec
     from trainables import tracking
@@ -68,7 +68,7 @@ def run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, override
     spec = Spec.load(multi_seed.spec(profile))
     spec.study = f"bench-packing-{mode}-{gpus}gpu-{time.strftime('%Y%m%d-%H%M%S')}"
     spec.seeds = seeds
-    _apply_overrides(spec, overrides)
+    apply_overrides(spec, overrides)
 
     ray.shutdown()
     ray.init(address="local", num_cpus=cpus_per_gpu * gpus, num_gpus=gpus, include_dashboard=False,

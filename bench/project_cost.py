@@ -83,15 +83,22 @@ def rates(tracking_uri: str | None) -> dict[tuple, dict]:
         raise SystemExit(f"no MLflow experiment {EXPERIMENT!r}: run `python bench/project_cost.py calibrate` first")
     by_kind: dict[tuple, list] = {}
     for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000):
-        m, p, tags = r.data.metrics, r.data.params, r.data.tags
-        by_kind.setdefault((tags["method"], tags["adapter"], tags["precision"]), []).append({
-            "step_s": m["time/train_s"] / int(p["max_steps"]),
-            "pair_s": m["time/eval_logps_s"] / max(m["eval/n_items"], 1),
-            "generation_s": m["time/eval_generate_s"] / m["eval/n_generated"] if m["eval/n_generated"] else 0.0,
-            "setup_s": m["time/setup_s"], "model": p["model"], "data": p["data"],
-            "micro_batch": tags.get("exec_micro_batch", p["micro_batch"]), "device": tags.get("device", "")})
-    return {k: {f: (statistics.median(x[f] for x in v) if isinstance(v[0][f], float) else v[-1][f]) for f in v[0]}
-            for k, v in by_kind.items()}
+        by_kind.setdefault((r.data.tags["method"], r.data.tags["adapter"], r.data.tags["precision"]), []).append(r)
+    out = {}
+    for kind, runs in by_kind.items():
+        def median(rate):  # noqa: B023 - used at once, inside this iteration
+            return statistics.median(rate(r.data.metrics, r.data.params) for r in runs)
+
+        last = runs[0].data  # newest run: what was calibrated
+        out[kind] = {
+            "step_s": median(lambda m, p: m["time/train_s"] / int(p["max_steps"])),
+            "pair_s": median(lambda m, p: m["time/eval_logps_s"] / max(m["eval/n_items"], 1)),
+            "generation_s": median(lambda m, p: m["time/eval_generate_s"] / m["eval/n_generated"]
+                                   if m["eval/n_generated"] else 0.0),
+            "setup_s": median(lambda m, p: m["time/setup_s"]),
+            "model": last.params["model"], "data": last.params["data"], "device": last.tags.get("device", ""),
+            "micro_batch": last.tags.get("exec_micro_batch", last.params["micro_batch"])}
+    return out
 
 
 def trial_seconds(cfg, rate: dict) -> float:

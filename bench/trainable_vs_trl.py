@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import math
 import os
 import platform
@@ -94,6 +93,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from grit_speed import log  # noqa: E402
+from trainables.trial import free_memory  # noqa: E402
 
 METHODS = ("sft", "dpo", "cita")
 CASES = [f"{m}-{p}" for p in ("bf16", "nf4", "fp32") for m in METHODS]
@@ -112,10 +114,6 @@ PEAK_BF16 = [  # (substring of torch.cuda.get_device_name, dense bf16 FLOP/s); f
 ]
 
 
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # ---- device helpers ----------------------------------------------------------------------------------------
 def cuda() -> bool:
     import torch
@@ -131,13 +129,6 @@ def sync():
 def allocated() -> int:
     import torch
     return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-
-
-def free_memory():
-    import torch
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 # ---- the base checkpoint -------------------------------------------------------------------------------------
@@ -636,6 +627,10 @@ def fmt(x, spec=".3f"):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def command_line() -> str:
+    return "python bench/trainable_vs_trl.py " + " ".join(sys.argv[1:])
+
+
 def header(a, title):
     import peft
     import torch
@@ -660,10 +655,9 @@ def header(a, title):
 
 def report(results, a) -> str:
     date, machine, versions, shape, title = header(a, "Trainable vs bare TRL step time")
-    cmd = "python bench/trainable_vs_trl.py " + " ".join(sys.argv[1:])
     lines = [
         title,
-        f"`{cmd}` — {shape}, seq {a.seq} (prompt {a.seq // 2} + completion; DPO/CITA chosen and rejected), "
+        f"`{command_line()}` — {shape}, seq {a.seq} (prompt {a.seq // 2} + completion; DPO/CITA chosen and rejected), "
         f"micro-batch {a.micro_batch} x accumulation {a.grad_accum}, LoRA r16/alpha16/dropout 0 on all 7 projections, "
         f"lr {LR} linear (warmup {LR_WARMUP}), adamw_torch, "
         f"{'bf16 autocast' if cuda() else 'fp32 on CPU'}, gradient checkpointing (non-reentrant), logging every "
@@ -685,15 +679,14 @@ def report(results, a) -> str:
         for n in res.get("notes", []):
             notes.append(f"- {case}: {n}")
         b, t = res.get("bare", {}), res.get("trainable", {})
+        errs = [f"{k}: {r['error']}" for k, r in (("bare", b), ("trainable", t)) if r.get("error")]
         if "mean" not in b or "mean" not in t:
-            err = res.get("error") or b.get("error") or t.get("error") or "no timing"
-            errs = [f"{k}: {r['error']}" for k, r in (("bare", b), ("trainable", t)) if r.get("error")]
+            err = res.get("error") or "no timing"
             lines.append(f"| {label} | {fmt(b.get('mean'))} | {fmt(t.get('mean'))} | - | ERROR: "
                          f"{'; '.join(errs) or err} | | | | |")
             continue
         ratios = t["mean"] / b["mean"], t["median"] / b["median"]
         verdict = "pass" if max(ratios) <= TARGET_RATIO else "FAIL"
-        errs = [f"{k}: {r['error']}" for k, r in (("bare", b), ("trainable", t)) if r.get("error")]
         if errs:  # a side that failed partway: its timed steps so far, marked
             verdict = "ERROR partway (" + "; ".join(errs) + ")"
         est = res.get("estimate", float("nan"))
@@ -711,10 +704,9 @@ def report(results, a) -> str:
 def planner_report(results, a) -> str:
     date, machine, versions, shape, title = header(a, "Planner micro-batch vs bare TRL batch 1")
     flops_src = next((r["flops"][3] for r in results.values() if "flops" in r), "n/a")
-    cmd = "python bench/trainable_vs_trl.py " + " ".join(sys.argv[1:])
     lines = [
         title,
-        f"`{cmd}` — {shape}, seq {a.seq}, effective batch {a.effective_batch}: bare TRL at micro-batch 1 x "
+        f"`{command_line()}` — {shape}, seq {a.seq}, effective batch {a.effective_batch}: bare TRL at micro-batch 1 x "
         f"{a.effective_batch}, then (sequentially, the bare trainer freed) the trainable at "
         f"trainables.memory.plan_micro_batch for the budget shown; {a.steps} timed steps each after {a.warmup} "
         f"warmup. tokens/s = processed tokens (SFT: seq per sequence; DPO: chosen + rejected) / s. FLOPs per "

@@ -37,7 +37,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def _apply_overrides(spec: Spec, overrides: list[str]) -> None:
+def apply_overrides(spec: Spec, overrides: list[str]) -> None:
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set max_steps=20")
@@ -57,7 +57,7 @@ def main(spec_for_profile, description: str, criteria: str | None = None, argv=N
         spec = Spec.load(spec_for_profile(profile))
         if args.seeds:
             spec.seeds = args.seeds
-        _apply_overrides(spec, args.overrides)
+        apply_overrides(spec, args.overrides)
 
         def run(seeds=None, config_keys=None) -> SweepResult:
             if seeds is not None:

@@ -96,6 +96,13 @@ def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int
             for i in range(0, len(batch), 1000)]
 
 
+def set_tags(mlflow_client, run_id: str, tags: dict) -> None:
+    """Several tags in one request, values as text capped at MLflow's limit."""
+    from mlflow.entities import RunTag
+
+    mlflow_client.log_batch(run_id, tags=[RunTag(k, str(v)[:_MAX_TAG]) for k, v in tags.items()])
+
+
 def finish_trial_run(mlflow_client, run_id: str, eval_metrics: dict, items, adapter_dir: str | None, step: int):
     log_metrics(mlflow_client, run_id, eval_metrics, step)
     with tempfile.TemporaryDirectory() as tmp:

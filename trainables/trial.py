@@ -49,7 +49,7 @@ def _first_step_timer(started: float):
         seconds = float("nan")
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.seconds != self.seconds:
+            if state.global_step == 1:
                 self.seconds = time.perf_counter() - started
 
     return FirstStep()
@@ -79,7 +79,8 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
     return trainer.model, tokenizer, items, {**metrics, **phases}, trainer.state.global_step
 
 
-def _free_memory():
+def free_memory():
+    """Give a finished or failed attempt's memory back (a reused worker runs the next trial in this process)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -114,8 +115,8 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
         if plan_micro_batch and torch.cuda.is_available():
             attempt = _planned(cfg, gpu_share, client, run_id)
         while True:
-            client.set_tag(run_id, "exec_micro_batch", str(attempt.micro_batch))
-            client.set_tag(run_id, "exec_grad_accum", str(attempt.grad_accum))
+            tracking.set_tags(client, run_id, {"exec_micro_batch": attempt.micro_batch,
+                                               "exec_grad_accum": attempt.grad_accum})
             try:
                 metrics = _attempt(attempt, client, run_id, report, started, {"sys/oom_retries": retries})
                 break
@@ -124,19 +125,18 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
                     raise
                 message = str(err)
             # out of the except block: the traceback (and the model it holds) is gone, so memory can be freed
-            _free_memory()
+            free_memory()
             retries += 1
             attempt = halve_micro_batch(attempt)
-            client.set_tag(run_id, "oom_retries", str(retries))
-            client.set_tag(run_id, f"oom_retry_{retries}", f"-> micro_batch={attempt.micro_batch} "
-                           f"grad_accum={attempt.grad_accum} after {message}"[:4900])
+            tracking.set_tags(client, run_id, {"oom_retries": retries, f"oom_retry_{retries}":
+                              f"-> micro_batch={attempt.micro_batch} grad_accum={attempt.grad_accum} after {message}"})
             print(f"{label}: out of GPU memory; retrying with micro_batch={attempt.micro_batch} "
                   f"grad_accum={attempt.grad_accum}", flush=True)
     except BaseException as err:
         tracking.fail_trial_run(client, run_id, err)
         raise
     finally:  # a reused Ray worker runs the next trial in this process: give its memory back
-        _free_memory()
+        free_memory()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
     return metrics
