@@ -76,6 +76,35 @@ def test_failure_is_recorded_on_the_run(runs, tiny_model):
     assert "no-such-org/no-such-model" in run.data.tags["error"]
 
 
+def test_steps_logged_before_a_failure_reach_mlflow(runs, tiny_model, monkeypatch):
+    """The step logger buffers its MLflow writes (one batch per 10 s): an attempt that fails mid-training still
+    files the steps it finished."""
+    from transformers import TrainerCallback
+
+    from trainables import trial
+
+    real = trial.METHOD_TRAINERS["sft"]
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                raise RuntimeError("disk on fire (injected by the test)")
+
+    def build(cfg, *args, **kwargs):
+        trainer = real(cfg, *args, **kwargs)
+        trainer.add_callback(Crash())
+        return trainer
+
+    monkeypatch.setitem(trial.METHOD_TRAINERS, "sft", build)
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_trial(tiny_trial(), "crash", runs, exp)
+    (run,) = client.search_runs([exp])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
+
+
 def _inject_oom(monkeypatch, method: str, largest_that_fits: int) -> list:
     """Make training raise CUDA's OOM error whenever the micro-batch exceeds `largest_that_fits`; returns the
     (micro_batch, grad_accum) of every trainer built."""

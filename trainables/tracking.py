@@ -85,15 +85,19 @@ def start_trial_run(mlflow_client, experiment_id: str, parent_run_id: str | None
     return run_id
 
 
-def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int, synchronous: bool = True):
-    """Log numeric metrics (NaN and non-numbers dropped); asynchronous logging returns the pending operations."""
+def log_metrics(mlflow_client, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log numeric metrics at one step (NaN and non-numbers dropped)."""
+    log_metric_rows(mlflow_client, run_id, [(step, int(time.time() * 1000), metrics)])
+
+
+def log_metric_rows(mlflow_client, run_id: str, rows) -> None:
+    """Log (step, timestamp ms, metrics) rows in as few requests as MLflow allows (1000 metrics each)."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+    batch = [Metric(k, float(v), ts, step) for step, ts, metrics in rows for k, v in metrics.items()
              if isinstance(v, (int, float)) and v == v]
-    return [mlflow_client.log_batch(run_id, metrics=batch[i:i + 1000], synchronous=synchronous)
-            for i in range(0, len(batch), 1000)]
+    for i in range(0, len(batch), 1000):
+        mlflow_client.log_batch(run_id, metrics=batch[i:i + 1000])
 
 
 def set_tags(mlflow_client, run_id: str, tags: dict) -> None:
@@ -121,28 +125,38 @@ def fail_trial_run(mlflow_client, run_id: str, error: BaseException) -> None:
     mlflow_client.set_terminated(run_id, "FAILED")
 
 
-def step_logger(mlflow_client, run_id: str, report=None, extra_metrics=None, report_every_s: float = 10.0):
-    """A TrainerCallback that sends every logging step to MLflow (train/*) and, at most every `report_every_s`,
-    to Ray Tune (its progress table). MLflow logging is asynchronous (a synchronous SQLite write costs ~5 ms,
-    about 1% of an 8B step) and drained when training ends, so nothing is lost."""
+def step_logger(mlflow_client, run_id: str, report=None, extra_metrics=None, report_every_s: float = 10.0,
+                flush_every_s: float = 10.0):
+    """A TrainerCallback that records every logging step for MLflow (train/*) and, at most every `report_every_s`,
+    sends one to Ray Tune (its progress table). Steps are buffered and written in one MLflow batch at most every
+    `flush_every_s`, when training ends, and on `flush()` (the trial calls it when an attempt fails, so nothing
+    is lost). Why not per step, not even asynchronously: a write is ~5 ms of Python (SQLAlchemy over SQLite), and
+    on MLflow's async thread it still takes that time from the training loop through the GIL; an 8B LoRA step at
+    micro-batch 1 is bound by Python's kernel launches, so it showed in the step time."""
     from transformers import TrainerCallback
 
     class _StepLogger(TrainerCallback):
         def __init__(self):
-            self.pending, self.last_report = [], float("-inf")
+            self.rows, self.last_flush, self.last_report = [], time.monotonic(), float("-inf")
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             metrics = {f"train/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             if extra_metrics is not None:
                 metrics.update(extra_metrics())
-            self.pending += log_metrics(mlflow_client, run_id, metrics, state.global_step, synchronous=False)
-            if report is not None and time.monotonic() - self.last_report >= report_every_s:
-                self.last_report = time.monotonic()
+            self.rows.append((state.global_step, int(time.time() * 1000), metrics))
+            now = time.monotonic()
+            if now - self.last_flush >= flush_every_s:
+                self.flush()
+            if report is not None and now - self.last_report >= report_every_s:
+                self.last_report = now
                 report({**{k.replace("/", "_"): v for k, v in metrics.items()}, "step": state.global_step})
 
+        def flush(self):
+            rows, self.rows, self.last_flush = self.rows, [], time.monotonic()
+            if rows:
+                log_metric_rows(mlflow_client, run_id, rows)
+
         def on_train_end(self, args, state, control, **kwargs):
-            for operation in self.pending:
-                operation.wait()  # raises if a write failed
-            self.pending.clear()
+            self.flush()
 
     return _StepLogger()

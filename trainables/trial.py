@@ -167,7 +167,11 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
 
     logger = tracking.step_logger(client, run_id, report, extra_metrics)
     with tempfile.TemporaryDirectory() as workdir:
-        model, _, items, metrics, step = train_and_evaluate(cfg, workdir, [logger], attach_adapter_extras, started)
+        try:
+            model, _, items, metrics, step = train_and_evaluate(cfg, workdir, [logger], attach_adapter_extras,
+                                                                started)
+        finally:
+            logger.flush()  # the failed attempt's steps too
         metrics.update(extra_metrics(), **extra)
         metrics["eval/trial_seconds"] = time.perf_counter() - started
         if torch.cuda.is_available():
