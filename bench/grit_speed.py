@@ -27,10 +27,15 @@ a table to BENCHMARKS.md.
 GPU timing (about 300 s per precision on an H100, so one command each):
     python bench/grit_speed.py --cases sft-bf16 dpo-bf16 --stress
     python bench/grit_speed.py --cases sft-nf4 dpo-nf4 --stress
+Where the overhead goes and how noisy a ratio is (--control: a LoRA-vs-LoRA row in the same alternation;
+--profile N: N LoRA and N GRIT steps under torch.profiler, CPU self time vs GPU kernel time and the operators
+GRIT adds):
+    python bench/grit_speed.py --cases sft-bf16 --steps 100 --block 1 --control --profile 3
 """
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 import datetime
 import gc
 import platform
@@ -158,36 +163,57 @@ def schedule(a):
             out += [pair[0]] * a.block + [pair[1]] * a.block
         return out
     steps = ["warm-lora"] * 5 + ["warm-grit"] * a.warmup + abba("lora", "grit", a.steps)
+    if a.control:  # A/A: LoRA against LoRA in the same alternation, the noise floor of a ratio
+        steps += abba("ctl-a", "ctl-b", a.steps)
+    if a.profile:
+        steps += ["prof-lora", "prof-grit"] * a.profile
     if a.stress:
         steps += ["warm-grit-stress"] * 5 + abba("lora-s", "grit-stress", a.stress_steps)
     return steps
 
 
-def timer(device, labels, controllers, times, peaks):
+def controller_for(label):
+    """The GRIT controller a step's label turns on (None: a LoRA step, every hook off)."""
+    label = label.removeprefix("warm-").removeprefix("prof-")
+    return label if label in ("grit", "grit-stress") else None
+
+
+def timer(device, labels, controllers, times, peaks, profiles):
     """Switches GRIT on/off before each step (labels[step]) and records each step's wall time, with a device
-    sync at both ends, and its peak allocated memory, under the step's label."""
-    start = []
+    sync at both ends, and its peak allocated memory, under the step's label. Steps labelled prof-* run under
+    torch.profiler; their key averages go to profiles[label] (a list, one per step)."""
+    start, prof = [], []
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
     def begin(state):
-        label = labels[state.global_step].removeprefix("warm-")
+        label = labels[state.global_step]
+        on = controller_for(label)
         for name, ctrl in controllers.items():  # off first, then on: one set of hooks at a time
-            if name != label.replace("lora-s", "lora"):
+            if name != on:
                 ctrl.remove()
-        for name, ctrl in controllers.items():
-            if name == label:
-                ctrl.resume()
+        if on:
+            controllers[on].resume()
         sync()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        start[:] = [time.perf_counter(), labels[state.global_step]]
+        if label.startswith("prof-"):
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+            prof[:] = [profile(activities=activities)]
+            prof[0].__enter__()
+        start[:] = [time.perf_counter(), label]
 
     def end(state):
         sync()
         dt, label = time.perf_counter() - start[0], start[1]
+        if prof:
+            prof[0].__exit__(None, None, None)
+            profiles.setdefault(label, []).append((dt, prof[0].key_averages()))
+            prof.clear()
         times.setdefault(label, []).append(dt)
         if device == "cuda":
             peaks[label] = max(peaks.get(label, 0.0), torch.cuda.max_memory_allocated() / 2**30)
@@ -244,23 +270,24 @@ def run_method(method, base, tok, data, a, device):
             ctrl.remove()  # the timer turns the step's controller on
 
         def log_metrics(state):  # trials log controller.metrics() at every logging step (default 1): time it
-            label = labels[state.global_step - 1].removeprefix("warm-")
-            if label in controllers:
-                controllers[label].metrics()
+            on = controller_for(labels[state.global_step - 1])
+            if on:
+                controllers[on].metrics()
 
+        profiles = {}
         trainer.add_callback(callback(on_step_end=log_metrics))
-        trainer.add_callback(timer(device, labels, controllers, times, peaks))
+        trainer.add_callback(timer(device, labels, controllers, times, peaks, profiles))
         trainer.train()
-        rows = {}
+        rows = {"profile": profiles} if profiles else {}
         for label, ts in times.items():
-            if label.startswith("warm-"):
+            if label.startswith(("warm-", "prof-")):
                 continue
             rows[label] = dict(mean=statistics.mean(ts), median=statistics.median(ts), n=len(ts),
                                peak=peaks.get(label, float("nan")))
         for label, ctrl in controllers.items():
             m = ctrl.metrics()
             rows[label]["grit"] = m
-            want = a.steps + a.warmup if label == "grit" else a.stress_steps + 5
+            want = a.steps + a.warmup + a.profile if label == "grit" else a.stress_steps + 5
             if m["grit/steps"] != want:
                 rows[label]["note"] = f"GRIT counted {m['grit/steps']:.0f} steps, expected {want}"
         return rows
@@ -316,6 +343,41 @@ def bases(precisions, config, device, a):
             shutil.rmtree(ckpt, ignore_errors=True)
 
 
+def profile_lines(case, profiles):
+    """Profiled LoRA and GRIT steps: wall, CPU self time and GPU kernel time per step, and the operators whose
+    self CPU time differs most (GRIT - LoRA): where GRIT's overhead goes, on the CPU or on the GPU."""
+    from torch.autograd import DeviceType
+
+    def per_step(label):
+        steps = profiles.get(label, [])
+        if not steps:
+            return None
+        n = len(steps)
+        ops = defaultdict(float)
+        for _, ka in steps:
+            for e in ka:
+                if e.device_type == DeviceType.CPU:
+                    ops[e.key] += e.self_cpu_time_total / n / 1e3   # ms per step
+        return dict(wall=statistics.median(dt for dt, _ in steps),
+                    cpu=sum(ops.values()) / 1e3,
+                    gpu=statistics.median(sum(e.self_device_time_total for e in ka if e.device_type == DeviceType.CUDA)
+                                          for _, ka in steps) / 1e6,
+                    ops=ops, n=n)
+
+    lo, gr = per_step("prof-lora"), per_step("prof-grit")
+    if not lo or not gr:
+        return []
+    lines = [f"\n{case}, profiled steps (torch.profiler, {lo['n']} LoRA + {gr['n']} GRIT, alternating; the "
+             "profiler slows the CPU side, so compare the two rows, not with the table above): LoRA wall "
+             f"{lo['wall']:.3f} s, CPU self {lo['cpu']:.3f} s, GPU kernels {lo['gpu']:.3f} s; GRIT wall "
+             f"{gr['wall']:.3f} s, CPU self {gr['cpu']:.3f} s, GPU kernels {gr['gpu']:.3f} s. Operators with the "
+             "largest self-CPU difference, ms/step (GRIT - LoRA):"]
+    diff = {k: gr["ops"].get(k, 0.0) - lo["ops"].get(k, 0.0) for k in set(lo["ops"]) | set(gr["ops"])}
+    top = sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:10]
+    lines.append("; ".join(f"`{k}` {v:+.1f}" for k, v in top))
+    return lines
+
+
 def report(results, a, device, config):
     date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     machine = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
@@ -345,7 +407,8 @@ def report(results, a, device, config):
         if not isinstance(res, dict) or "error" in res:
             lines.append(f"| {case} | - | {res['error'] if res else 'not run'} | | | | | | | - |")
             continue
-        for lo_key, gr_key, setting in (("lora", "grit", "research defaults"), ("lora-s", "grit-stress", "stress")):
+        for lo_key, gr_key, setting in (("lora", "grit", "research defaults"), ("lora-s", "grit-stress", "stress"),
+                                        ("ctl-a", "ctl-b", "A/A control")):
             lo, gr = res.get(lo_key), res.get(gr_key)
             if not lo or not gr:
                 continue
@@ -353,6 +416,8 @@ def report(results, a, device, config):
             verdict = "pass" if max(ratios) <= TARGET_RATIO else "FAIL"
             if setting == "stress":
                 verdict += " (stress, not the target's setting)"
+            if setting == "A/A control":  # both columns are LoRA: how far apart two identical variants land
+                verdict = "noise floor (both LoRA)"
             if gr.get("note"):
                 verdict += f" ({gr['note']})"
             lines.append(
@@ -360,6 +425,10 @@ def report(results, a, device, config):
                 f"{ratios[0]:.3f} / {ratios[1]:.3f} | {1e3 * (gr['mean'] - lo['mean']):+.1f} / "
                 f"{1e3 * (gr['median'] - lo['median']):+.1f} | {lo['peak']:.2f} | {gr['peak']:.2f} | "
                 f"{lo['n']} / {gr['n']} | {verdict} |")
+    for case in a.cases:
+        res = results.get(case)
+        if isinstance(res, dict) and res.get("profile"):
+            lines += profile_lines(case, res["profile"])
     return "\n".join(lines) + "\n"
 
 
@@ -372,6 +441,10 @@ def main():
     ap.add_argument("--block", type=int, default=5, help="steps per block in the ABBA alternation")
     ap.add_argument("--stress", action="store_true", help="also time GRIT at sample_every=1, refresh every 5")
     ap.add_argument("--stress-steps", type=int, default=20, help="timed steps per variant in the stress setting")
+    ap.add_argument("--control", action="store_true",
+                    help="also time LoRA against LoRA in the same alternation (--steps each): the noise floor")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="then profile N LoRA and N GRIT steps (torch.profiler): CPU vs GPU time, top operators")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; tiny 64)")
     ap.add_argument("--ckpt-dir", default=None, help="where the random checkpoint for nf4 goes (default /dev/shm "
                                                      "when large enough, else the temp dir)")
@@ -404,6 +477,8 @@ def main():
                 rows = run_method(case.split("-")[0], base, tok, data, a, device)
                 results[case] = rows
                 for label, row in rows.items():
+                    if label == "profile":
+                        continue
                     log(f"{case} {label}: mean {row['mean']:.3f} s/step, median {row['median']:.3f}, "
                         f"n {row['n']}, peak {row['peak']:.2f} GiB" + (f"; {row['note']}" if row.get("note") else ""))
             except Exception as e:  # one failing case must not sink the others
