@@ -51,7 +51,8 @@ optimizer step, the trainer's logging (loss.item(), the MLflow call) and the nex
 is run but not timed. (The trainable's step logger buffers and writes to MLflow once every 10 s, as in a trial: that
 write lands in whichever side's step is running at the time, about one step in 20 on the 8B shape.)
 Table: mean and median s/step per side; ratio = trainable / bare (mean / median); verdict "pass" when both ratios
-<= 1.02. Notes: the range of per-block-pair ratios (how noisy the verdict is).
+<= 1.02. Notes: the range of per-block-pair ratios and a 95% bootstrap interval of their mean (how noisy the
+verdict is).
 
 HOW PEAK MEMORY IS MEASURED. Both sides are resident, so torch.cuda.max_memory_allocated() during a step holds the
 other side's tensors too. Every allocation is attributed to the side that was running when it stayed allocated:
@@ -522,7 +523,13 @@ def run_case(case, env, a) -> dict:
         b, tr = res["bare"], res["trainable"]
         if "mean" in b and "mean" in tr:
             pairs = [y / x for x, y in zip(b["blocks"], tr["blocks"])]
-            notes.append(f"per-block-pair ratio {min(pairs):.3f}..{max(pairs):.3f} over {len(pairs)} pairs")
+            note = f"per-block-pair ratio {min(pairs):.3f}..{max(pairs):.3f} over {len(pairs)} pairs"
+            if len(pairs) >= 3:  # how far the verdict could move: the pairs' mean ratio, resampled
+                from scipy.stats import bootstrap
+                ci = bootstrap((pairs,), statistics.mean, n_resamples=2000, method="percentile",
+                               random_state=0).confidence_interval
+                note += f"; their mean {statistics.mean(pairs):.3f}, 95% bootstrap CI {ci.low:.3f}..{ci.high:.3f}"
+            notes.append(note)
         res["estimate"], err = estimate(cfg, env.model_name, env.ckpt, a.seq)
         if err:
             notes.append(err)
