@@ -293,3 +293,27 @@ def test_cached_trl_stores_once_per_input_and_reads_back_the_same_rows(small, to
     data.cached_trl(small, "alpaca", tok, "dpo", tmp_path)
     data.cached_trl(small.select(range(3)), "chatml", tok, "dpo", tmp_path)
     assert len(list(tmp_path.iterdir())) == 4
+    data.cached_trl(small, "chatml", tok, "dpo", tmp_path, max_prompt_tokens=16)  # truncation changes the rows
+    data.cached_trl(small, "chatml", tok, "sft", tmp_path, max_prompt_tokens=16)  # sft prompts are not truncated
+    assert len(list(tmp_path.iterdir())) == 5
+
+
+@pytest.mark.parametrize("method", ["dpo", "cita"])
+def test_pair_prompts_keep_their_last_max_prompt_tokens(small, tok, method):
+    """TRL 1.16 has no max_prompt_length: prompts longer than it keep their last tokens (the research's TRL
+    did so), short ones and every completion are untouched, and SFT prompts are not truncated."""
+    full = data.to_trl(small, "llama3", tok, method)
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in full["prompt"]]
+    n = sorted(lengths)[len(lengths) // 2]  # about half the prompts are longer
+    cut = data.to_trl(small, "llama3", tok, method, max_prompt_tokens=n)
+    for before, after, length in zip(full, cut, lengths):
+        ids = tok(after["prompt"], add_special_tokens=False)["input_ids"]
+        if length <= n:
+            assert after["prompt"] == before["prompt"]
+        else:
+            assert before["prompt"].endswith(after["prompt"]) and len(after["prompt"]) < len(before["prompt"])
+            assert ids == tok(before["prompt"], add_special_tokens=False)["input_ids"][-n:]
+        assert (after["chosen"], after["rejected"]) == (before["chosen"], before["rejected"])
+    assert any(length > n for length in lengths)
+    sft = data.to_trl(small, "llama3", tok, "sft", max_prompt_tokens=n)
+    assert sft["prompt"] == data.to_trl(small, "llama3", tok, "sft")["prompt"]

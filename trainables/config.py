@@ -75,7 +75,7 @@ class TrialConfig(_Strict):
     micro_batch: int = Field(1, ge=1)
     grad_accum: int = Field(8, ge=1)
     max_length: int = Field(2048, ge=16)
-    max_prompt_length: int = Field(1024, ge=8)
+    max_prompt_length: int = Field(1024, ge=8)  # dpo/cita prompts keep their last tokens (data.to_trl)
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     lr_scheduler: str = "linear"

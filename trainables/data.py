@@ -524,7 +524,8 @@ def load_preferences(source: str, n_train: int, n_eval: int, data_seed: int):
 # ================================================================================================
 # TRL formats
 # ================================================================================================
-def cached_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, cache_dir: Path) -> datasets.Dataset:
+def cached_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, cache_dir: Path,
+               max_prompt_tokens: int | None = None) -> datasets.Dataset:
     """`to_trl` (minus item_id), stored on disk under a key of everything it depends on, and read back from there.
 
     Read from disk, the dataset is Arrow-backed, so the `datasets` library also caches TRL's own tokenizing
@@ -535,11 +536,13 @@ def cached_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, cach
         template, "sft" if method == "sft" else "pairs", tokenizer.name_or_path,
         hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
         hashlib.sha256(Path(templates.__file__).read_bytes()).hexdigest(), datasets.__version__,
+        str(max_prompt_tokens if method != "sft" else None),
     ]).encode()).hexdigest()[:20]
     path = cache_dir / key
     if not path.exists():
         tmp = path.with_name(f"{key}.tmp-{random.getrandbits(32):08x}")  # concurrent trials: last rename wins
-        to_trl(ds, template, tokenizer, method).remove_columns("item_id").save_to_disk(str(tmp))
+        to_trl(ds, template, tokenizer, method, max_prompt_tokens=max_prompt_tokens).remove_columns(
+            "item_id").save_to_disk(str(tmp))
         try:
             tmp.rename(path)
         except OSError:  # another trial stored the same data first
@@ -547,11 +550,15 @@ def cached_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, cach
     return datasets.load_from_disk(str(path))
 
 
-def to_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, with_system: bool = True) -> datasets.Dataset:
+def to_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, with_system: bool = True,
+           max_prompt_tokens: int | None = None) -> datasets.Dataset:
     """Rendered strings for TRL: sft -> prompt, completion (= chosen); dpo/cita -> prompt, chosen, rejected.
 
     item_id is kept. The system turn stays in the prompt for every method by default: the research's DPO used
     the same messages as CITA. Note that TRL appends `tokenizer.eos_token` to completions not ending with it.
+    dpo/cita prompts longer than `max_prompt_tokens` keep their last tokens, as the research's TRL did with
+    max_prompt_length (TRL 1.16 dropped that option: it only truncates prompt + completion to max_length from
+    the start, so a long prompt would crowd out its completion and TRL would drop the pair).
     """
     templates.check_template(template)
     if method not in METHODS:
@@ -559,6 +566,8 @@ def to_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, with_sys
 
     def render(r):
         out = {"prompt": templates.render_prompt(template, r["system"] if with_system else None, r["prompt"], tokenizer)}
+        if max_prompt_tokens is not None and method != "sft":
+            out["prompt"] = keep_last_tokens(out["prompt"], tokenizer, max_prompt_tokens)
         if method == "sft":
             out["completion"] = templates.render_completion(template, r["chosen"], tokenizer)
         else:
@@ -569,3 +578,14 @@ def to_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, with_sys
     keep = ["item_id", "prompt", "completion"] if method == "sft" else ["item_id", "prompt", "chosen", "rejected"]
     # map hands `render` the full row and drops the other columns before writing its output
     return ds.map(render, remove_columns=[c for c in ds.column_names if c != "item_id"]).select_columns(keep)
+
+
+def keep_last_tokens(text: str, tokenizer, n: int) -> str:
+    """The end of `text` that tokenizes to its last n tokens (cut at a token boundary), or `text` if shorter."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    ids = enc["input_ids"]
+    if len(ids) <= n:
+        return text
+    if tokenizer.is_fast:
+        return text[enc["offset_mapping"][-n][0]:]
+    return tokenizer.decode(ids[-n:])

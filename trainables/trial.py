@@ -34,7 +34,8 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
     tokenizer = load_tokenizer(cfg.model)
     train_raw, held_out = data.load_preferences(cfg.data, cfg.n_train, cfg.n_eval, cfg.data_seed)
     if train_ds is None:
-        train_ds = data.cached_trl(train_raw, cfg.template, tokenizer, cfg.method, cache_root() / "trl_datasets")
+        train_ds = data.cached_trl(train_raw, cfg.template, tokenizer, cfg.method, cache_root() / "trl_datasets",
+                                   max_prompt_tokens=cfg.max_prompt_length)
     model = lora.attach(precision.load_model(cfg), cfg)
     trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)
     trainer.remove_callback(PrinterCallback)  # metrics go to MLflow and Tune, not as dicts on stdout
