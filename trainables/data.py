@@ -531,12 +531,13 @@ def cached_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, cach
     Read from disk, the dataset is Arrow-backed, so the `datasets` library also caches TRL's own tokenizing
     maps beside it (by fingerprint): a later trial on the same data skips both rendering and tokenizing.
     """
+    max_prompt_tokens = None if method == "sft" else max_prompt_tokens  # to_trl leaves SFT prompts whole
     key = hashlib.sha256("|".join([
         hashlib.sha256(pd.util.hash_pandas_object(ds.to_pandas(), index=False).values.tobytes()).hexdigest(),
         template, "sft" if method == "sft" else "pairs", tokenizer.name_or_path,
         hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest(),
         hashlib.sha256(Path(templates.__file__).read_bytes()).hexdigest(), datasets.__version__,
-        str(max_prompt_tokens if method != "sft" else None),
+        str(max_prompt_tokens),
     ]).encode()).hexdigest()[:20]
     path = cache_dir / key
     if not path.exists():
