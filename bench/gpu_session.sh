@@ -30,15 +30,16 @@ step() {  # step NAME SECONDS CMD...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
 
 # Issue 3: all four cases in one run, strict alternation, with the LoRA-vs-LoRA noise floor and a profile.
-step grit        900 python bench/grit_speed.py --steps 100 --block 1 --control --profile 3 --bench-file "$ADD"
+step grit        960 python bench/grit_speed.py --steps 100 --block 1 --control --profile 3 --bench-file "$ADD"
 # Issue 6.
-step tvt-bf16    540 python bench/trainable_vs_trl.py --cases sft-bf16 dpo-bf16 --steps 60 --bench-file "$ADD"
-step tvt-planner 420 python bench/trainable_vs_trl.py --planner --bench-file "$ADD"
+# dpo-bf16 again: its last ratio predates the buffered step logger (sft-bf16 passed, 0.998).
+step tvt-dpo     420 python bench/trainable_vs_trl.py --cases dpo-bf16 --steps 60 --bench-file "$ADD"
 step tvt-smollm2 300 python bench/trainable_vs_trl.py --shape smollm2 --steps 60 --block 10 --bench-file "$ADD"
 step packing     600 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
                      --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 step tvt-mixed   420 python bench/trainable_vs_trl.py --cases cita-bf16 sft-nf4 --bench-file "$ADD"
 step tvt-nf4     480 python bench/trainable_vs_trl.py --cases dpo-nf4 cita-nf4 --bench-file "$ADD"
+step tvt-planner 420 python bench/trainable_vs_trl.py --planner --bench-file "$ADD"  # measured 2026-11-23
 step cost-bf16   600 python bench/project_cost.py calibrate --precisions bf16 \
                      --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
 step cost-project 120 python bench/project_cost.py --bench-file "$ADD" project
