@@ -215,15 +215,35 @@ def test_gradient_checkpointing_neither_duplicates_nor_loses_samples(checkpointi
         m.train()
         for batch in ids:
             m(input_ids=batch, labels=batch).loss.backward()
-    assert ctrl.ticks == ctrl_ref.ticks == [4] * len(ctrl.modules)
+    assert ctrl.ticks == ctrl_ref.ticks == 4   # training forwards: recomputation is not one
     assert ctrl.n_a == ctrl_ref.n_a == [2 * 2 * 12] * len(ctrl.modules)   # ticks 2 and 4 sampled
     assert torch.allclose(ctrl.a_cov, ctrl_ref.a_cov, rtol=1e-5, atol=1e-7)
     assert torch.allclose(ctrl.g_cov, ctrl_ref.g_cov, rtol=1e-4, atol=1e-12)
     assert ctrl.g_cov.abs().sum() > 0
 
 
+def test_module_hooks_are_armed_only_for_sampled_forwards():
+    """The per-step cost of sampling is one model pre-hook: the 2 x (adapter calls) Python hooks run only on
+    every sample_every-th training forward (reference, eval and no_grad forwards neither count nor disarm)."""
+    model = tiny_peft()
+    ctrl = grit.GritController(model, GritConfig(sample_every=3))
+    ids = torch.randint(0, 1000, (2, 12))
+    armed = []
+    model.train()
+    for k in range(7):
+        model(input_ids=ids, labels=ids).loss.backward()
+        armed.append(all(len(m.lora_a._forward_hooks) == 1 for m in ctrl.modules))
+        assert armed[-1] or all(not m.lora_a._forward_hooks for m in ctrl.modules)
+        with torch.no_grad():
+            model(input_ids=ids)                     # a reference-style pass changes nothing
+    assert armed == [False, False, True, False, False, True, False]
+    assert ctrl.n_a == [2 * 2 * 12] * len(ctrl.modules)   # forwards 3 and 6, 24 tokens each
+    ctrl.remove()
+    assert all(not m.lora_a._forward_hooks for m in ctrl.modules) and not model._forward_pre_hooks
+
+
 def snapshot(ctrl):
-    return ctrl.a_cov.clone(), ctrl.g_cov.clone(), list(ctrl.n_a), list(ctrl.n_g), list(ctrl.ticks)
+    return ctrl.a_cov.clone(), ctrl.g_cov.clone(), list(ctrl.n_a), list(ctrl.n_g), ctrl.ticks
 
 
 def assert_untouched(ctrl, snap):
@@ -312,16 +332,22 @@ def test_grit_acts_over_quantized_base_weights(tok, bits):
     assert all(torch.isfinite(torch.tensor(loss))) and m["grit/natgrad_norm"] > 0
 
 
-def test_dpo_reference_eval_and_generation_passes_leave_statistics_untouched(tok):
+@pytest.mark.parametrize("method", ["dpo", "cita"])
+def test_reference_eval_and_generation_passes_leave_statistics_untouched(tok, method):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
+    from trainables import cita
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(models.resolve(models.TINY))
     args = DPOConfig(output_dir="/tmp/grit-test", max_length=48, max_steps=2, **COMMON)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=pref_data(), processing_class=tok,
-                         peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    trainer_class, extra = (DPOTrainer, {}) if method == "dpo" else \
+        (cita._trainer_class(), {"lambda_kl": 0.1, "anchor": "seq_kl"})
+    trainer = trainer_class(model=model, args=args, train_dataset=pref_data(), processing_class=tok,
+                            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"),
+                            **extra)
     ctrl = grit.attach(trainer, GritConfig(sample_every=1))
     peft_model = trainer.model
     first_lora = next(m for m in peft_model.modules() if hasattr(m, "lora_A"))
@@ -334,7 +360,7 @@ def test_dpo_reference_eval_and_generation_passes_leave_statistics_untouched(tok
     policy_tokens = sum(n for grad, on, n in calls if grad and on)
     assert any(not on for grad, on, n in calls)            # the reference pass did run (adapters disabled) ...
     assert ctrl.n_a == ctrl.n_g == [policy_tokens] * len(ctrl.modules)   # ... and contributed nothing
-    assert ctrl.ticks == [2] * len(ctrl.modules)
+    assert ctrl.ticks == 2                                   # two policy forwards, no reference
 
     from trl.trainer.utils import use_adapter
 
@@ -353,7 +379,7 @@ def test_dpo_reference_eval_and_generation_passes_leave_statistics_untouched(tok
     assert_untouched(ctrl, snap)
     peft_model.train()
     peft_model(**batch).logits.sum().backward()                         # and a training pass does count
-    assert ctrl.ticks[0] == snap[4][0] + 1 and not torch.equal(ctrl.a_cov, snap[0])
+    assert ctrl.ticks == snap[4] + 1 and not torch.equal(ctrl.a_cov, snap[0])
 
 
 @pytest.mark.parametrize("statistics", ["running_mean", "ema"])
@@ -380,7 +406,7 @@ def test_batched_statistics_update_equals_sequential_per_sample_update(statistic
         loss.backward()
     for h in handles:
         h.remove()
-    assert ctrl.ticks == [4, 4]
+    assert ctrl.ticks == 4
     for i, m in enumerate(ctrl.modules):
         s2 = 1 / float(model.get_submodule(m.name).scaling["default"]) ** 2
         a, g, n = torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 4, dtype=torch.float64), 0

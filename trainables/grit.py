@@ -7,8 +7,10 @@ Usage (the trial runner, any TRL trainer, any precision):
     controller.metrics()                              # {"grit/...": float}, proof that GRIT acted
 
 The methods (SFT, DPO, CITA) know nothing about GRIT: `attach` installs
-- a forward hook on every active `lora_A` module; when the pass carries gradients it registers a pre-hook on
-  the autograd node of the output h = x·Aᵀ, whose gradient is dL/dh = s·g·B (s = LoRA scaling,
+- a forward pre-hook on the model (one Python call per forward) that counts training forwards and, on every
+  `sample_every`-th, arms the sampling hooks for that forward only (and takes them off on the next one);
+- while armed, a forward hook on every active `lora_A` module; when the pass carries gradients it registers a
+  pre-hook on the autograd node of the output h = x·Aᵀ, whose gradient is dL/dh = s·g·B (s = LoRA scaling,
   g = dL/d(layer output)). Both are r-wide, so the rank-space statistics cost two r×r products per sampled
   call and nothing d-wide. A sampled call only stashes (h, dL/dh); at the end of that backward (an autograd
   engine callback) all stashed samples are folded in with one stacked bmm per side and shape;
@@ -33,17 +35,20 @@ Decisions (each one a choice the issue asked us to make and state):
   with `ema_decay` per sampled call). A token count per module gates readiness (`kfac_min_samples` tokens,
   as the research counted rows). Counts are Python ints (shapes are known without a sync); every matrix stays
   on the GPU; only `metrics()` reads values back.
-- Cost (the issue's budget: GRIT <= 1.15 x LoRA step time): per step GRIT adds one forward hook and one node
-  pre-hook per adapter call (a tick count, no kernels, on unsampled steps), the preconditioning (one stacked
+- Cost (the issue's budget: GRIT <= 1.15 x LoRA step time): per step GRIT adds one model pre-hook call (no
+  module hooks at all on unsampled forwards: on the GPU a launch-bound 8B step showed them costing tens of ms
+  for 448 Python calls), the preconditioning (one stacked
   bmm per group of equal shapes, the regularizer gradient added to the same stack; its r×r matrices cached
   until the statistics change) and `metrics()` (the spectrum cached per change of the statistics: one small
   read-back per call). Every `sample_every` steps: two bmm per shape group. Every `kfac_update_freq` steps:
   the batched inversions and one eigendecomposition shared by refresh and reprojection. No host syncs
   besides `metrics()`.
-- Sampling: every `sample_every`-th backward through a module (the research's per-module tick, counted in the
-  backward so gradient-checkpoint recomputation is neither double-counted nor missed). Only passes that carry
-  gradients reach a backward: reference passes (no_grad, adapters disabled: lora_A is not even called),
-  evaluation and generation (no_grad, eval mode) never touch the statistics.
+- Sampling: every `sample_every`-th training forward of the model (train mode, gradients enabled, adapter
+  on), all its adapter calls, folded in during that forward's backward. The research ticked per module call;
+  in a transformer every adapter runs once per forward, so the two count alike, and counting at the model
+  leaves gradient-checkpoint recomputation (which never calls the model) neither double-counted nor missed.
+  Reference passes (no_grad, adapters disabled), evaluation and generation (no_grad, eval mode) are not
+  training forwards and never touch the statistics. A sampled forward whose backward never runs adds nothing.
 - Schedule: as the research: factors are first inverted at step `kfac_update_freq` and every
   `kfac_update_freq` steps after (only modules with enough samples); preconditioning runs on every step after.
 - Clipping order: precondition BEFORE gradient clipping, as the research's trainer did (precondition ->
@@ -72,6 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from collections import defaultdict
 
 import torch
@@ -171,7 +177,8 @@ class GritController:
         self.a_inv, self.g_inv = eye.clone(), eye.clone()
         self.proj_a, self.proj_b = eye.clone(), eye.clone()  # last basis (reprojection regularizer)
         self.n_a, self.n_g = [0] * n, [0] * n               # sampled tokens (rows), Python ints: no sync
-        self.ticks = [0] * n                                  # backward calls per module
+        self.ticks = 0                                        # training forwards of the model seen
+        self._armed = False                                   # module hooks on (this forward is sampled)
         self.escalation = torch.ones(n, device=dev)
         self.natgrad_norm = torch.zeros((), device=dev)
         self.grad_norm = torch.zeros((), device=dev)
@@ -195,8 +202,9 @@ class GritController:
         self._kinds = kinds
         self._kind_ix = torch.tensor([kinds.index(m.kind) for m in self.modules], device=dev)
         self._kind_count = torch.bincount(self._kind_ix, minlength=len(kinds)).float()
-        for i, m in enumerate(self.modules):
-            m.handle = m.lora_a.register_forward_hook(functools.partial(self._forward_hook, i))
+        self._model = model
+        self._first_layer = model.get_submodule(self.modules[0].name)  # its switch says whether adapters are on
+        self._root_handle = model.register_forward_pre_hook(self._model_pre_hook)
 
     def _group(self, param_of, members=None):
         groups = defaultdict(list)
@@ -217,6 +225,25 @@ class GritController:
         self._flush()
         return self._g_cov
 
+    def _model_pre_hook(self, model, args):
+        # One call per forward of the model, the only per-step cost of sampling: count training forwards and
+        # arm the per-module hooks for the sampled ones only.
+        if not (model.training and torch.is_grad_enabled()) or self._first_layer.disable_adapters:
+            return
+        self.ticks += 1
+        self._arm(self.ticks % self._every == 0)
+
+    def _arm(self, on):
+        if on == self._armed:
+            return
+        for i, m in enumerate(self.modules):
+            if on:
+                m.handle = m.lora_a.register_forward_hook(functools.partial(self._forward_hook, i))
+            elif m.handle is not None:
+                m.handle.remove()
+                m.handle = None
+        self._armed = on
+
     def _forward_hook(self, i, module, args, out):
         # Only a pass that will backpropagate into the adapter may feed statistics: this excludes reference
         # passes and generation (no_grad) and evaluation (eval mode). Counting happens in the backward.
@@ -227,24 +254,20 @@ class GritController:
             out.grad_fn.register_prehook(lambda grads: backward(i, h, grads[nr]))
 
     def _backward_hook(self, i, h, grad):
-        if grad is None:
+        rows = h.numel() // self.r
+        if grad is None or not rows:
             return None
-        tick = self.ticks[i] + 1
-        self.ticks[i] = tick
-        if tick % self._every == 0:
-            rows = h.numel() // self.r
-            if rows:
-                # Stashed, not computed here: one batched update for all modules at the end of this backward
-                # replaces ~6 kernel launches and their Python per module. Counts are updated now (exact, no sync).
-                self._pending.append((i, h, grad, self.n_a[i], rows))
-                self.n_a[i] += rows
-                self.n_g[i] += rows
-                if not self._flush_queued:
-                    self._flush_queued = True
-                    try:
-                        torch.autograd.Variable._execution_engine.queue_callback(self._flush)
-                    except RuntimeError:  # not inside an engine-run backward: fold in at the next read
-                        pass
+        # Stashed, not computed here: one batched update for all modules at the end of this backward
+        # replaces ~6 kernel launches and their Python per module. Counts are updated now (exact, no sync).
+        self._pending.append((i, h, grad, self.n_a[i], rows))
+        self.n_a[i] += rows
+        self.n_g[i] += rows
+        if not self._flush_queued:
+            self._flush_queued = True
+            try:
+                torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+            except RuntimeError:  # not inside an engine-run backward: fold in at the next read
+                pass
         return None  # the gradient passes on unchanged
 
     def _flush(self):
@@ -396,7 +419,7 @@ class GritController:
 
     @staticmethod
     def _regularizer_grad(side, m, params):
-        w = torch.stack([p.detach() for p in params]).float()
+        w = torch.stack(params).float()  # callers run under no_grad: no detach per tensor
         m = m.to(w.device)
         return torch.bmm(m, w) if side == "A" else torch.bmm(w, m)
 
@@ -478,6 +501,9 @@ class GritController:
 
     def _post_step(self, optimizer, args, kwargs):
         self.steps += 1
+        if self.steps == self.cfg.kfac_update_freq and not self.ticks:
+            warnings.warn("GRIT counted no training forward of the model it was attached to, so it has no "
+                          "statistics: call that model (not a submodule of it) in train mode", stacklevel=2)
         if self.steps % self.cfg.kfac_update_freq == 0:
             self.refresh()
         if self.cfg.reproject and self.steps % self.cfg.reprojection_freq == 0:
@@ -485,10 +511,10 @@ class GritController:
 
     def remove(self):
         """Take every hook off the model and optimizer (statistics and schedule are kept: see `resume`)."""
-        for m in self.modules:
-            if m.handle is not None:
-                m.handle.remove()
-                m.handle = None
+        self._arm(False)
+        if self._root_handle is not None:
+            self._root_handle.remove()
+            self._root_handle = None
         for h in self._opt_handles:
             h.remove()
         self._opt_handles = []
@@ -499,8 +525,7 @@ class GritController:
         (The benchmark alternates LoRA and GRIT steps in one trainer this way.)"""
         if not self._removed:
             return
-        for i, m in enumerate(self.modules):
-            m.handle = m.lora_a.register_forward_hook(functools.partial(self._forward_hook, i))
+        self._root_handle = self._model.register_forward_pre_hook(self._model_pre_hook)
         if self._optimizer is not None:
             self._opt_handles = [self._optimizer.register_step_pre_hook(self._pre_step),
                                  self._optimizer.register_step_post_hook(self._post_step)]
