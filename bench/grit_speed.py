@@ -40,6 +40,7 @@ import datetime
 import gc
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -59,6 +60,18 @@ TARGET_RATIO = 1.15
 
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Interrupted(BaseException):
+    """SIGTERM arrived (`timeout`, a scheduler): stop measuring, report what was measured."""
+
+
+def report_on_sigterm():
+    """Turn SIGTERM into `Interrupted`, so a run stopped by its time limit still writes the cases it finished
+    (a stopped GPU session otherwise loses every finished case with the one cut short)."""
+    def stop(signum, frame):
+        raise Interrupted(f"signal {signum}")
+    signal.signal(signal.SIGTERM, stop)
 
 
 def llama_config(tiny: bool):
@@ -467,26 +480,33 @@ def main():
     results = {}
     precisions = [p for p in ("bf16", "nf4") if any(c.endswith(p) for c in a.cases)]
     started = time.time()
-    for precision, base in bases(precisions, config, device, a):
-        for case in [c for c in a.cases if c.endswith(precision)]:
-            if base is None:
-                results[case] = {"error": "base model failed to load"}
-                continue
-            log(f"{case} ...")
-            try:
-                rows = run_method(case.split("-")[0], base, tok, data, a, device)
-                results[case] = rows
-                for label, row in rows.items():
-                    if label == "profile":
-                        continue
-                    log(f"{case} {label}: mean {row['mean']:.3f} s/step, median {row['median']:.3f}, "
-                        f"n {row['n']}, peak {row['peak']:.2f} GiB" + (f"; {row['note']}" if row.get("note") else ""))
-            except Exception as e:  # one failing case must not sink the others
-                traceback.print_exc()
-                results[case] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-        del base
+    report_on_sigterm()
+    try:
+        for precision, base in bases(precisions, config, device, a):
+            for case in [c for c in a.cases if c.endswith(precision)]:
+                if base is None:
+                    results[case] = {"error": "base model failed to load"}
+                    continue
+                log(f"{case} ...")
+                try:
+                    rows = run_method(case.split("-")[0], base, tok, data, a, device)
+                    results[case] = rows
+                    for label, row in rows.items():
+                        if label == "profile":
+                            continue
+                        log(f"{case} {label}: mean {row['mean']:.3f} s/step, median {row['median']:.3f}, n {row['n']}, "
+                            f"peak {row['peak']:.2f} GiB" + (f"; {row['note']}" if row.get("note") else ""))
+                    for line in profile_lines(case, rows.get("profile", {})):  # in the log now, whatever follows
+                        log(line.strip())
+                except Exception as e:  # one failing case must not sink the others
+                    traceback.print_exc()
+                    results[case] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+            del base
+    except Interrupted as e:
+        log(f"interrupted ({e}): reporting the {len(results)} case(s) finished")
+        results.update({c: {"error": f"interrupted ({e})"} for c in a.cases if c not in results})
     table = report(results, a, device, config)
     print(table, flush=True)
     target = a.bench_file or (None if a.tiny else str(ROOT / "BENCHMARKS.md"))

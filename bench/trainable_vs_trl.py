@@ -95,7 +95,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from grit_speed import log  # noqa: E402
+from grit_speed import Interrupted, log, report_on_sigterm  # noqa: E402
 from trainables.trial import free_memory  # noqa: E402
 
 METHODS = ("sft", "dpo", "cita")
@@ -818,21 +818,26 @@ def main():
         f"{'planner' if a.planner else 'ABBA'} mode; steps {a.steps} + warmup {a.warmup}")
 
     results = {}
-    for case in a.cases:
-        t = time.time()
-        log(f"{case} ...")
-        results[case] = (run_planner_case if a.planner else run_case)(case, env, a)
-        r = results[case]
-        for k in ("bare", "trainable"):
-            if "mean" in r.get(k, {}):
-                tok_s = f", {r[k]['tok_s']:.0f} tok/s" if "tok_s" in r[k] else ""
-                log(f"{case} {k}: mean {r[k]['mean']:.4f} s/step, median {r[k]['median']:.4f}, n {r[k]['n']}, "
-                    f"peak {fmt(r[k]['peak'], '.2f')} GiB{tok_s}")
-        if r.get("error"):
-            log(f"{case} FAILED: {r['error']}")
-        free_memory()
-        left = f"; {allocated() / 2**30:.2f} GiB still allocated (should be ~0)" if cuda() else ""
-        log(f"{case} done in {time.time() - t:.0f} s{left}")
+    report_on_sigterm()
+    try:
+        for case in a.cases:
+            t = time.time()
+            log(f"{case} ...")
+            results[case] = (run_planner_case if a.planner else run_case)(case, env, a)
+            r = results[case]
+            for k in ("bare", "trainable"):
+                if "mean" in r.get(k, {}):
+                    tok_s = f", {r[k]['tok_s']:.0f} tok/s" if "tok_s" in r[k] else ""
+                    log(f"{case} {k}: mean {r[k]['mean']:.4f} s/step, median {r[k]['median']:.4f}, n {r[k]['n']}, "
+                        f"peak {fmt(r[k]['peak'], '.2f')} GiB{tok_s}")
+            if r.get("error"):
+                log(f"{case} FAILED: {r['error']}")
+            free_memory()
+            left = f"; {allocated() / 2**30:.2f} GiB still allocated (should be ~0)" if cuda() else ""
+            log(f"{case} done in {time.time() - t:.0f} s{left}")
+    except Interrupted as e:
+        log(f"interrupted ({e}): reporting the {len(results)} case(s) finished")
+        results.update({c: {"error": f"interrupted ({e})"} for c in a.cases if c not in results})
 
     table = (planner_report if a.planner else report)(results, a)
     print(table, flush=True)
