@@ -29,17 +29,16 @@ step() {  # step NAME SECONDS CMD...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
 
-# Issue 3: all four cases in one run, strict alternation, with the LoRA-vs-LoRA noise floor and a profile.
-step grit        960 python bench/grit_speed.py --steps 100 --block 1 --control --profile 3 --bench-file "$ADD"
+# Order for a 30-device-minute session (staging + install take ~2): what closes issue 3 first, then issue 6's
+# unmeasured rows. Measured already (BENCHMARKS.md, 2026-11-23): tvt sft/dpo-bf16 on 8B, the planner.
+# Issue 3: all four cases in one run, strict alternation, A/A noise floor and a profile (~14 min on an H100).
+step grit        840 python bench/grit_speed.py --steps 60 --block 1 --control --profile 2 --bench-file "$ADD"
 # Issue 6.
-# dpo-bf16 again: its last ratio predates the buffered step logger (sft-bf16 passed, 0.998).
-step tvt-dpo     420 python bench/trainable_vs_trl.py --cases dpo-bf16 --steps 60 --bench-file "$ADD"
-step tvt-smollm2 300 python bench/trainable_vs_trl.py --shape smollm2 --steps 60 --block 10 --bench-file "$ADD"
-step packing     600 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
-                     --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
+step tvt-smollm2 420 python bench/trainable_vs_trl.py --shape smollm2 --steps 40 --block 1 --bench-file "$ADD"
 step tvt-mixed   420 python bench/trainable_vs_trl.py --cases cita-bf16 sft-nf4 --bench-file "$ADD"
 step tvt-nf4     480 python bench/trainable_vs_trl.py --cases dpo-nf4 cita-nf4 --bench-file "$ADD"
-step tvt-planner 420 python bench/trainable_vs_trl.py --planner --bench-file "$ADD"  # measured 2026-11-23
+step packing     900 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
+                     --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 step cost-bf16   600 python bench/project_cost.py calibrate --precisions bf16 \
                      --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
 step cost-project 120 python bench/project_cost.py --bench-file "$ADD" project
