@@ -38,7 +38,7 @@ class GritConfig(_Strict):
     kfac_update_freq: int = Field(50, ge=1)   # steps between factor inversions
     kfac_min_samples: int = Field(64, ge=1)   # samples before preconditioning starts
     reprojection_freq: int = Field(50, ge=1)
-    sample_every: int = Field(15, ge=1)       # hook calls per module between statistic samples
+    sample_every: int = Field(15, ge=1)       # training forwards between statistic samples
     damping: float = Field(1e-3, gt=0)
     energy_threshold: float = Field(0.99, gt=0, le=1)
     min_rank: int = Field(4, ge=1)
