@@ -36,9 +36,9 @@ Decisions (each one a choice the issue asked us to make and state):
   as the research counted rows). Counts are Python ints (shapes are known without a sync); every matrix stays
   on the GPU; only `metrics()` reads values back.
 - Cost (the issue's budget: GRIT <= 1.15 x LoRA step time): per step GRIT adds one model pre-hook call (no
-  module hooks at all on unsampled forwards: on the GPU a launch-bound 8B step showed them costing tens of ms
-  for 448 Python calls), the preconditioning (one stacked
-  bmm per group of equal shapes, the regularizer gradient added to the same stack; its r×r matrices cached
+  module hooks on unsampled forwards: on a launch-bound CPU analogue of the 8B step, 224 adapters, hooks on
+  every forward cost 13-15 ms per step, preconditioning ~4; BENCHMARKS.md), the preconditioning (one
+  stacked bmm per group of equal shapes, the regularizer gradient added to the same stack; its r×r matrices cached
   until the statistics change) and `metrics()` (the spectrum cached per change of the statistics: one small
   read-back per call). Every `sample_every` steps: two bmm per shape group. Every `kfac_update_freq` steps:
   the batched inversions and one eigendecomposition shared by refresh and reprojection. No host syncs
@@ -246,7 +246,7 @@ class GritController:
 
     def _forward_hook(self, i, module, args, out):
         # Only a pass that will backpropagate into the adapter may feed statistics: this excludes reference
-        # passes and generation (no_grad) and evaluation (eval mode). Counting happens in the backward.
+        # passes and generation (no_grad) and evaluation (eval mode). Samples are counted in the backward.
         # The hook goes on out's autograd node (a pre-hook sees the same gradient a tensor hook would, after
         # accumulation), which costs about half of Tensor.register_hook per call.
         if module.training and out.requires_grad and torch.is_grad_enabled():
