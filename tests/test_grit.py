@@ -356,6 +356,7 @@ def test_reference_eval_and_generation_passes_leave_statistics_untouched(tok, me
         lambda mod, args: calls.append((torch.is_grad_enabled(), not first_lora.disable_adapters, args[0].numel())))
     trainer.train()
     spy.remove()
+    assert not any(m.lora_a._forward_hooks for m in ctrl.modules)   # disarmed when training ends
 
     policy_tokens = sum(n for grad, on, n in calls if grad and on)
     assert any(not on for grad, on, n in calls)            # the reference pass did run (adapters disabled) ...

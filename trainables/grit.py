@@ -600,6 +600,9 @@ def _make_callback(controller):
             if optimizer is not None:
                 controller.bind_optimizer(optimizer)
 
+        def on_train_end(self, args, state, control, **kwargs):
+            controller._arm(False)  # a last sampled forward leaves no module hooks on for evaluation/generation
+
     return GritCallback()
 
 
