@@ -49,6 +49,8 @@ Decisions (each one a choice the issue asked us to make and state):
   leaves gradient-checkpoint recomputation (which never calls the model) neither double-counted nor missed.
   Reference passes (no_grad, adapters disabled), evaluation and generation (no_grad, eval mode) are not
   training forwards and never touch the statistics. A sampled forward whose backward never runs adds nothing.
+  Not for nn.DataParallel (one process driving several GPUs: every replica would tick); trials run one process
+  per GPU (DDP), where each process counts its own forwards.
 - Schedule: as the research: factors are first inverted at step `kfac_update_freq` and every
   `kfac_update_freq` steps after (only modules with enough samples); preconditioning runs on every step after.
 - Clipping order: precondition BEFORE gradient clipping, as the research's trainer did (precondition ->
