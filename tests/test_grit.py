@@ -242,6 +242,13 @@ def test_module_hooks_are_armed_only_for_sampled_forwards():
     assert all(not m.lora_a._forward_hooks for m in ctrl.modules) and not model._forward_pre_hooks
 
 
+def test_attach_refuses_data_parallel_with_a_clear_error():
+    from types import SimpleNamespace
+
+    with pytest.raises(ValueError, match="n_gpu=2"):
+        grit.attach(SimpleNamespace(args=SimpleNamespace(n_gpu=2), model=tiny_peft()), GritConfig())
+
+
 def snapshot(ctrl):
     return ctrl.a_cov.clone(), ctrl.g_cov.clone(), list(ctrl.n_a), list(ctrl.n_g), ctrl.ticks
 

@@ -49,8 +49,8 @@ Decisions (each one a choice the issue asked us to make and state):
   leaves gradient-checkpoint recomputation (which never calls the model) neither double-counted nor missed.
   Reference passes (no_grad, adapters disabled), evaluation and generation (no_grad, eval mode) are not
   training forwards and never touch the statistics. A sampled forward whose backward never runs adds nothing.
-  Not for nn.DataParallel (one process driving several GPUs: every replica would tick); trials run one process
-  per GPU (DDP), where each process counts its own forwards.
+  `attach` refuses nn.DataParallel (one process driving several GPUs: every replica would tick); trials run one
+  process per GPU (DDP), where each process counts its own forwards.
 - Schedule: as the research: factors are first inverted at step `kfac_update_freq` and every
   `kfac_update_freq` steps after (only modules with enough samples); preconditioning runs on every step after.
 - Clipping order: precondition BEFORE gradient clipping, as the research's trainer did (precondition ->
@@ -610,6 +610,10 @@ def _make_callback(controller):
 
 def attach(trainer, cfg) -> GritController:
     """Install GRIT on a built TRL/transformers trainer whose model carries a PEFT LoRA adapter."""
+    n_gpu = getattr(getattr(trainer, "args", None), "n_gpu", 1)
+    if n_gpu > 1:  # HF Trainer would wrap the model in nn.DataParallel: replicas race on the hooks
+        raise ValueError(f"GRIT needs one GPU per process, but the trainer sees n_gpu={n_gpu} (nn.DataParallel): "
+                         "launch one process per GPU (Ray Train / torchrun) or set CUDA_VISIBLE_DEVICES to one GPU")
     controller = GritController(trainer.model, cfg)
     trainer.add_callback(_make_callback(controller))
     if getattr(trainer, "optimizer", None) is not None:
