@@ -30,7 +30,8 @@ step() {  # step NAME SECONDS CMD...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
 
 # Order for a 30-device-minute session (staging + install take ~2): what closes issue 3 first, then issue 6's
-# unmeasured rows. Measured already (BENCHMARKS.md, 2026-11-23): tvt sft/dpo-bf16 on 8B, the planner.
+# unmeasured rows. Measured already (BENCHMARKS.md, 2026-11-23): tvt sft/dpo-bf16 on 8B, the planner. The list
+# is about two sessions long: the second runs with SKIP= naming the steps the first finished.
 # Issue 3: all four cases in one run, strict alternation, A/A noise floor and a profile (~14 min on an H100).
 step grit        840 python bench/grit_speed.py --steps 60 --block 1 --control --profile 2 --bench-file "$ADD"
 # Issue 6.
