@@ -32,8 +32,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # Order for a 30-device-minute session (staging + install take ~2): what closes issue 3 first, then issue 6's
 # unmeasured rows. Measured already (BENCHMARKS.md, 2026-11-23): tvt sft/dpo-bf16 on 8B, the planner. The list
 # is about two sessions long: the second runs with SKIP= naming the steps the first finished.
-# Issue 3: all four cases in one run, strict alternation, A/A noise floor and a profile (~14 min on an H100).
-step grit        840 python bench/grit_speed.py --steps 60 --block 1 --control --profile 2 --bench-file "$ADD"
+# Issue 3: all four cases in one run, strict alternation, A/A noise floor and a profile. ~220 steps per case at
+# 0.5 (sft-bf16) to ~1 s (dpo-nf4) per step: ~13 min on an H100.
+step grit        900 python bench/grit_speed.py --steps 50 --block 1 --control --control-steps 30 --profile 2 \
+                     --bench-file "$ADD"
 # Issue 6.
 step tvt-smollm2 420 python bench/trainable_vs_trl.py --shape smollm2 --steps 40 --block 1 --bench-file "$ADD"
 step tvt-mixed   420 python bench/trainable_vs_trl.py --cases cita-bf16 sft-nf4 --bench-file "$ADD"

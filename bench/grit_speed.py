@@ -177,7 +177,7 @@ def schedule(a):
         return out
     steps = ["warm-lora"] * 5 + ["warm-grit"] * a.warmup + abba("lora", "grit", a.steps)
     if a.control:  # A/A: LoRA against LoRA in the same alternation, the noise floor of a ratio
-        steps += abba("ctl-a", "ctl-b", a.steps)
+        steps += abba("ctl-a", "ctl-b", a.control_steps or a.steps)
     if a.profile:
         steps += ["prof-lora", "prof-grit"] * a.profile
     if a.stress:
@@ -455,7 +455,8 @@ def main():
     ap.add_argument("--stress", action="store_true", help="also time GRIT at sample_every=1, refresh every 5")
     ap.add_argument("--stress-steps", type=int, default=20, help="timed steps per variant in the stress setting")
     ap.add_argument("--control", action="store_true",
-                    help="also time LoRA against LoRA in the same alternation (--steps each): the noise floor")
+                    help="also time LoRA against LoRA in the same alternation: the noise floor")
+    ap.add_argument("--control-steps", type=int, default=None, help="steps per variant of the control (default --steps)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="then profile N LoRA and N GRIT steps (torch.profiler): CPU vs GPU time, top operators")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; tiny 64)")
