@@ -74,6 +74,12 @@ def report_on_sigterm():
     signal.signal(signal.SIGTERM, stop)
 
 
+def mark_interrupted(results: dict, cases, err: Interrupted) -> None:
+    """After an `Interrupted`: log it and mark every case not finished, so the report shows what was cut."""
+    log(f"interrupted ({err}): reporting the {len(results)} case(s) finished")
+    results.update({c: {"error": f"interrupted ({err})"} for c in cases if c not in results})
+
+
 def llama_config(tiny: bool):
     from transformers import LlamaConfig
 
@@ -506,8 +512,7 @@ def main():
                         torch.cuda.empty_cache()
             del base
     except Interrupted as e:
-        log(f"interrupted ({e}): reporting the {len(results)} case(s) finished")
-        results.update({c: {"error": f"interrupted ({e})"} for c in a.cases if c not in results})
+        mark_interrupted(results, a.cases, e)
     table = report(results, a, device, config)
     print(table, flush=True)
     target = a.bench_file or (None if a.tiny else str(ROOT / "BENCHMARKS.md"))

@@ -95,7 +95,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from grit_speed import Interrupted, log, report_on_sigterm  # noqa: E402
+from grit_speed import Interrupted, log, mark_interrupted, report_on_sigterm  # noqa: E402
 from trainables.trial import free_memory  # noqa: E402
 
 METHODS = ("sft", "dpo", "cita")
@@ -836,8 +836,7 @@ def main():
             left = f"; {allocated() / 2**30:.2f} GiB still allocated (should be ~0)" if cuda() else ""
             log(f"{case} done in {time.time() - t:.0f} s{left}")
     except Interrupted as e:
-        log(f"interrupted ({e}): reporting the {len(results)} case(s) finished")
-        results.update({c: {"error": f"interrupted ({e})"} for c in a.cases if c not in results})
+        mark_interrupted(results, a.cases, e)
 
     table = (planner_report if a.planner else report)(results, a)
     print(table, flush=True)

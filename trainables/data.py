@@ -531,7 +531,7 @@ def cached_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, cach
     Read from disk, the dataset is Arrow-backed, so the `datasets` library also caches TRL's own tokenizing
     maps beside it (by fingerprint): a later trial on the same data skips both rendering and tokenizing.
     """
-    max_prompt_tokens = None if method == "sft" else max_prompt_tokens  # to_trl leaves SFT prompts whole
+    max_prompt_tokens = _prompt_limit(method, max_prompt_tokens)
     key = hashlib.sha256("|".join([
         hashlib.sha256(pd.util.hash_pandas_object(ds.to_pandas(), index=False).values.tobytes()).hexdigest(),
         template, "sft" if method == "sft" else "pairs", tokenizer.name_or_path,
@@ -562,12 +562,13 @@ def to_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, with_sys
     the start, so a long prompt would crowd out its completion and TRL would drop the pair).
     """
     templates.check_template(template)
+    max_prompt_tokens = _prompt_limit(method, max_prompt_tokens)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
     def render(r):
         out = {"prompt": templates.render_prompt(template, r["system"] if with_system else None, r["prompt"], tokenizer)}
-        if max_prompt_tokens is not None and method != "sft":
+        if max_prompt_tokens is not None:
             out["prompt"] = keep_last_tokens(out["prompt"], tokenizer, max_prompt_tokens)
         if method == "sft":
             out["completion"] = templates.render_completion(template, r["chosen"], tokenizer)
@@ -579,6 +580,11 @@ def to_trl(ds: datasets.Dataset, template: str, tokenizer, method: str, with_sys
     keep = ["item_id", "prompt", "completion"] if method == "sft" else ["item_id", "prompt", "chosen", "rejected"]
     # map hands `render` the full row and drops the other columns before writing its output
     return ds.map(render, remove_columns=[c for c in ds.column_names if c != "item_id"]).select_columns(keep)
+
+
+def _prompt_limit(method: str, max_prompt_tokens: int | None) -> int | None:
+    """The prompt token limit that applies: SFT prompts stay whole (its loss is on the completion only)."""
+    return None if method == "sft" else max_prompt_tokens
 
 
 def keep_last_tokens(text: str, tokenizer, n: int) -> str:
