@@ -159,6 +159,9 @@ def save_random_checkpoint(config, out: Path, device: str, dtype):
     free_memory()
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    # Write the 16 GB back before anything is timed: one step logger flush right after a save took 1.3 s
+    # (cita-bf16, 2026-11-23 17:45), most likely its SQLite commit's fsync queued behind this writeback.
+    os.sync()
     log(f"saved random {config.num_hidden_layers}-layer checkpoint to {out} ({time.time() - t:.0f} s)")
 
 
