@@ -29,21 +29,24 @@ step() {  # step NAME SECONDS CMD...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
 
-# Order for a 30-device-minute session (staging + install take ~2): what closes issue 3 first, then issue 6's
-# unmeasured rows. Measured already (BENCHMARKS.md, 2026-11-23): tvt sft/dpo-bf16 on 8B, the planner. The list
-# is about two sessions long: the second runs with SKIP= naming the steps the first finished.
-# Issue 3: all four cases in one run, strict alternation, A/A noise floor and a profile. ~220 steps per case at
-# 0.5 (sft-bf16) to ~1 s (dpo-nf4) per step: ~13 min on an H100.
-step grit        900 python bench/grit_speed.py --steps 50 --block 1 --control --control-steps 30 --profile 2 \
-                     --bench-file "$ADD"
-# Issue 6.
-step tvt-smollm2 420 python bench/trainable_vs_trl.py --shape smollm2 --steps 40 --block 1 --bench-file "$ADD"
-step tvt-mixed   420 python bench/trainable_vs_trl.py --cases cita-bf16 sft-nf4 --bench-file "$ADD"
-step tvt-nf4     480 python bench/trainable_vs_trl.py --cases dpo-nf4 cita-nf4 --bench-file "$ADD"
+# Order for a 30-device-minute session (staging + install take ~3): issue 6's unmeasured rows first. Measured
+# already (BENCHMARKS.md, 2026-11-23): GRIT all four cases (issue 3, closed), tvt on 8B (all six cases) and
+# SmolLM2, the planner. The list is about two sessions long: the second runs with SKIP= naming what finished.
+# Packing: per-GPU baseline (12 trials, ~10 min) then packed (36 trials).
 step packing     900 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
                      --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
+# The 8B rows that failed <= 1.02 on 2026-11-23, again, each with an A/A control on the same schedule (noise
+# floor); this also saves the random 8B checkpoint that cost-bf16 calibrates on.
+step tvt-8b-nf4  480 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control \
+                     --bench-file "$ADD"
 step cost-bf16   600 python bench/project_cost.py calibrate --precisions bf16 \
                      --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
 step cost-project 120 python bench/project_cost.py --bench-file "$ADD" project
+# The SmolLM2 rows that failed <= 1.02 on 2026-11-23, again, with the A/A control.
+step tvt-smollm2 540 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 sft-nf4 dpo-nf4 cita-nf4 \
+                     --steps 40 --block 1 --control --bench-file "$ADD"
 step pytest-gpu  300 python -m pytest -m gpu -q -p no:cacheprovider
+# Issue 3 (closed): GRIT all four cases with an A/A control, ~13 min; a re-check after GRIT changes.
+step grit        900 python bench/grit_speed.py --steps 50 --block 1 --control --control-steps 30 --profile 2 \
+                     --bench-file "$ADD"
 echo "[$(date +%T)] all done"

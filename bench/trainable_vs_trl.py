@@ -51,8 +51,11 @@ optimizer step, the trainer's logging (loss.item(), the MLflow call) and the nex
 is run but not timed. (The trainable's step logger buffers and writes to MLflow once every 10 s, as in a trial: that
 write lands in whichever side's step is running at the time, about one step in 20 on the 8B shape.)
 Table: mean and median s/step per side; ratio = trainable / bare (mean / median); verdict "pass" when both ratios
-<= 1.02. Notes: the range of per-block-pair ratios and a 95% bootstrap interval of their mean (how noisy the
-verdict is).
+<= 1.02. Notes: the range of per-block-pair ratios and a 95% paired-bootstrap interval of the ratio of means
+over block pairs (how far the verdict could move).
+--control then runs two fresh bare trainers on the same schedule: the A/A row (bare against bare) is the run's
+noise floor, which a ratio must be read against. (A third side in one rotation instead showed a position bias of
+5-8% on a CPU, so the control copies the real comparison's schedule exactly.)
 
 HOW PEAK MEMORY IS MEASURED. Both sides are resident, so torch.cuda.max_memory_allocated() during a step holds the
 other side's tensors too. Every allocation is attributed to the side that was running when it stayed allocated:
@@ -450,6 +453,19 @@ def abba(first, second, warmup, steps, block):
     return blocks + [(first, 1), (second, 1)]
 
 
+def ratio_ci(base_blocks, other_blocks):
+    """95% paired-bootstrap interval of mean(other) / mean(base) over block pairs (block k of each side ran in
+    round k). The ratio of means, not the mean of per-pair ratios: with noisy launch-bound steps the latter is
+    biased upward (Jensen: +11-16% over a ratio of means of 1.04 on a CPU run)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    b, o = np.asarray(base_blocks), np.asarray(other_blocks)
+    ci = bootstrap((b, o), lambda x, y, axis=-1: y.mean(axis) / x.mean(axis), paired=True, vectorized=True,
+                   n_resamples=2000, method="percentile", random_state=0).confidence_interval
+    return ci.low, ci.high
+
+
 def summary(s: Side, warmup: int, block: int | None = None) -> dict:
     ts, ps = s.times[warmup:], s.peaks[warmup:]
     if not ts:
@@ -485,8 +501,28 @@ def data_for(method, tok_dir, seq, rows):
     return synthetic(AutoTokenizer.from_pretrained(tok_dir), seq, rows, method)
 
 
+def ratio_note(label, base, other) -> str:
+    """How far a ratio could move: the spread of per-block-pair ratios and a CI of the ratio of means."""
+    pairs = list(zip(base["blocks"], other["blocks"]))
+    note = f"{label}: per-block-pair ratio {min(y / x for x, y in pairs):.3f}..{max(y / x for x, y in pairs):.3f} " \
+           f"over {len(pairs)} pairs"
+    if len(pairs) >= 3:
+        lo, hi = ratio_ci(*zip(*pairs))
+        note += f"; ratio of means, 95% paired-bootstrap CI {lo:.3f}..{hi:.3f}"
+    return note
+
+
+def release(sides: dict):
+    for s in sides.values():
+        s.trainer.accelerator.free_memory()
+        s.trainer = None
+    sides.clear()
+    free_memory()
+
+
 def run_case(case, env, a) -> dict:
-    """One ABBA comparison at micro-batch --micro-batch x --grad-accum."""
+    """One ABBA comparison at --micro-batch x --grad-accum; with --control, then the same schedule for two fresh
+    bare trainers (A/A: the noise floor the ratio must be read against)."""
     method, precision = case.split("-")
     if precision == "nf4" and not cuda():
         return {"error": "nf4 needs CUDA (bitsandbytes 4-bit on a GPU)"}
@@ -496,15 +532,20 @@ def run_case(case, env, a) -> dict:
     ds = data_for(method, env.ckpt, a.seq, max_steps * a.micro_batch * a.grad_accum + 8)
     cfg = trial_config(method, precision, env.model_name, a.seq, a.micro_batch, a.grad_accum, max_steps)
     res, sides, notes = {"notes": []}, {}, []
+
+    def bare(name):
+        m0 = allocated()
+        trainer = build_bare(method, precision, env.ckpt, ds, a.seq, a.micro_batch, a.grad_accum, max_steps, env.tmp)
+        sides[name] = Side(name, trainer, allocated() - m0)
+        return trainer
+
     try:
         free_memory()
         m0 = allocated()
         t = time.time()
         trainer_t, logger, run_id = build_trainable(cfg, ds, env)
         sides["trainable"] = Side("trainable", trainer_t, allocated() - m0)
-        m0 = allocated()
-        trainer_b = build_bare(method, precision, env.ckpt, ds, a.seq, a.micro_batch, a.grad_accum, max_steps, env.tmp)
-        sides["bare"] = Side("bare", trainer_b, allocated() - m0)
+        trainer_b = bare("bare")
         log(f"{case}: both trainers built ({time.time() - t:.0f} s); resident GiB: trainable "
             f"{sides['trainable'].resident / 2**30:.2f}, bare {sides['bare'].resident / 2**30:.2f}")
         diffs = setting_differences(trainer_b, trainer_t)
@@ -523,28 +564,26 @@ def run_case(case, env, a) -> dict:
         if logger.seconds:
             notes.append(f"MLflow step logger on_log: {1e3 * statistics.mean(logger.seconds):.2f} ms/step mean, "
                          f"{1e3 * max(logger.seconds):.1f} max")
-        b, tr = res["bare"], res["trainable"]
-        if "mean" in b and "mean" in tr:
-            pairs = [y / x for x, y in zip(b["blocks"], tr["blocks"])]
-            note = f"per-block-pair ratio {min(pairs):.3f}..{max(pairs):.3f} over {len(pairs)} pairs"
-            if len(pairs) >= 3:  # how far the verdict could move: the pairs' mean ratio, resampled
-                from scipy.stats import bootstrap
-                ci = bootstrap((pairs,), statistics.mean, n_resamples=2000, method="percentile",
-                               random_state=0).confidence_interval
-                note += f"; their mean {statistics.mean(pairs):.3f}, 95% bootstrap CI {ci.low:.3f}..{ci.high:.3f}"
-            notes.append(note)
+        if "mean" in res["bare"] and "mean" in res["trainable"]:
+            notes.append(ratio_note("trainable/bare", res["bare"], res["trainable"]))
         res["estimate"], err = estimate(cfg, env.model_name, env.ckpt, a.seq)
         if err:
             notes.append(err)
+        if a.control:
+            release(sides)
+            t = time.time()
+            bare("bare-a"), bare("bare-b")
+            Interleaver(sides, abba("bare-a", "bare-b", a.warmup, a.steps, block)).run()
+            log(f"{case}: A/A control, {max_steps} steps per side in {time.time() - t:.0f} s")
+            res["control"] = {k: summary(s, a.warmup, block) for k, s in sides.items()}
+            ca, cb = res["control"]["bare-a"], res["control"]["bare-b"]
+            if "mean" in ca and "mean" in cb:
+                notes.append(ratio_note("A/A bare-b/bare-a", ca, cb))
     except Exception as e:  # noqa: BLE001 - one failing case must not sink the others
         traceback.print_exc()
         res["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     finally:
-        for s in sides.values():
-            s.trainer.accelerator.free_memory()
-            s.trainer = None
-        sides.clear()
-        free_memory()
+        release(sides)
     res["notes"] = notes
     return res
 
@@ -673,7 +712,8 @@ def report(results, a) -> str:
         f"{'bf16 autocast' if cuda() else 'fp32 on CPU'}, gradient checkpointing (non-reentrant), logging every "
         f"step, seed {SEED}. Trainable = trainables.trial.prepare + the trial's per-step MLflow logger (SQLite); "
         f"bare = from_pretrained + get_peft_model + TRL trainer by hand, report_to none. Both resident; steps "
-        f"alternate ABBA in blocks of {min(a.block, a.steps)} after {a.warmup} warmup steps each; "
+        f"alternate ABBA in blocks of {min(a.block, a.steps)} after {a.warmup} warmup steps each"
+        f"{' (A/A control: two more bare trainers, the same schedule)' if a.control else ''}; "
         f"step = on_step_begin to next on_step_begin with device syncs (logging + next batch fetch included). "
         f"Peaks: max_memory_allocated during a side's steps minus the other side's resident bytes. Estimate = "
         f"trainables.memory.estimate_peak; error vs the trainable's peak. {versions}; host {platform.node()}. "
@@ -706,6 +746,11 @@ def report(results, a) -> str:
         lines.append(f"| {label} | {b['mean']:.3f} / {b['median']:.3f} | {t['mean']:.3f} / {t['median']:.3f} | "
                      f"{ratios[0]:.3f} / {ratios[1]:.3f} | {verdict} | {fmt(b['peak'], '.2f')} | "
                      f"{fmt(t['peak'], '.2f')} | {fmt(est, '.2f')} | {fmt(err_pct, '+.1f')} |")
+        ca, cb = res.get("control", {}).get("bare-a", {}), res.get("control", {}).get("bare-b", {})
+        if "mean" in ca and "mean" in cb:  # the A/A row: bare against bare on the same schedule, the noise floor
+            lines.append(f"| {case}: A/A control | {ca['mean']:.3f} / {ca['median']:.3f} | {cb['mean']:.3f} / "
+                         f"{cb['median']:.3f} | {cb['mean'] / ca['mean']:.3f} / {cb['median'] / ca['median']:.3f} | "
+                         f"noise floor (bare vs bare) | {fmt(ca['peak'], '.2f')} | {fmt(cb['peak'], '.2f')} | | |")
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
@@ -782,6 +827,8 @@ def main():
                     help="timed steps per side (default 30; --planner 5, each step = --effective-batch sequences)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per side first (default 3; --planner 1)")
     ap.add_argument("--block", type=int, default=5, help="steps per block in the ABBA alternation")
+    ap.add_argument("--control", action="store_true",
+                    help="then time two fresh bare trainers on the same schedule: an A/A row per case (noise floor)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; --tiny 64)")
     ap.add_argument("--micro-batch", type=int, default=1, help="micro-batch of both sides (not --planner)")
     ap.add_argument("--grad-accum", type=int, default=1, help="accumulation of both sides (not --planner)")
@@ -818,7 +865,8 @@ def main():
     env.client = tracking.client(f"sqlite:///{env.tmp}/mlflow.db")
     env.experiment_id = tracking.ensure_experiment(env.client, "bench-trainable-vs-trl")
     log(f"device {'cuda' if cuda() else 'cpu'}; shape {a.shape}; cases {a.cases}; seq {a.seq}; "
-        f"{'planner' if a.planner else 'ABBA'} mode; steps {a.steps} + warmup {a.warmup}")
+        f"{'planner' if a.planner else 'ABBA'} mode{' + A/A control' if a.control else ''}; steps {a.steps} + "
+        f"warmup {a.warmup}")
 
     results = {}
     report_on_sigterm()

@@ -30,3 +30,33 @@ def test_grit_speed_stopped_by_sigterm_writes_the_finished_cases(tmp_path):
     assert any(r.startswith("| sft-bf16 | research defaults |") and r.rstrip().endswith(("pass |", "FAIL |"))
                for r in rows), "".join(log)
     assert any(r.startswith("| dpo-bf16 |") and "interrupted (signal 15)" in r for r in rows), rows
+
+
+def _tvt():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import trainable_vs_trl
+    return trainable_vs_trl
+
+
+def test_abba_alternates_blocks_symmetrically():
+    assert _tvt().abba("bare", "trainable", 2, 4, 1) == [
+        ("bare", 2), ("trainable", 2),  # warmup, then ABBA, then one untimed final step each
+        ("bare", 1), ("trainable", 1), ("trainable", 1), ("bare", 1),
+        ("bare", 1), ("trainable", 1), ("trainable", 1), ("bare", 1),
+        ("bare", 1), ("trainable", 1)]
+
+
+def test_ratio_ci_is_of_the_ratio_of_means_not_the_biased_mean_of_ratios():
+    import random
+
+    ratio_ci = _tvt().ratio_ci
+    lo, hi = ratio_ci([1.0, 2.0, 4.0], [1.1, 2.2, 4.4])
+    assert abs(lo - 1.1) < 1e-9 and abs(hi - 1.1) < 1e-9
+    # A/A with heavy, launch-bound-like noise: both sides drawn alike. The mean of per-round ratios sits well
+    # above 1 (Jensen); the interval of the ratio of means must still contain 1.
+    rng = random.Random(0)
+    a = [0.5 * rng.lognormvariate(0, 0.4) for _ in range(200)]
+    b = [0.5 * rng.lognormvariate(0, 0.4) for _ in range(200)]
+    assert sum(y / x for x, y in zip(a, b)) / len(a) > 1.1
+    lo, hi = ratio_ci(a, b)
+    assert lo < 1.0 < hi
