@@ -41,6 +41,8 @@ step tvt-8b-nf4  480 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --
                      --bench-file "$ADD"
 step cost-bf16   600 python bench/project_cost.py calibrate --precisions bf16 \
                      --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
+step cost-nf4    600 python bench/project_cost.py calibrate --precisions nf4 \
+                     --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
 step cost-project 120 python bench/project_cost.py --bench-file "$ADD" project
 # The SmolLM2 rows that failed <= 1.02 on 2026-11-23, again, with the A/A control.
 step tvt-smollm2 540 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 sft-nf4 dpo-nf4 cita-nf4 \

@@ -1,10 +1,12 @@
-"""Benchmark scripts: a run stopped by its time limit still reports what it finished."""
+"""Benchmark scripts: stopped runs still report what finished; the statistics and the cost projection they rest on."""
 from __future__ import annotations
 
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,3 +62,24 @@ def test_ratio_ci_is_of_the_ratio_of_means_not_the_biased_mean_of_ratios():
     assert sum(y / x for x, y in zip(a, b)) / len(a) > 1.1
     lo, hi = ratio_ci(a, b)
     assert lo < 1.0 < hi
+
+
+def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, tiny_model, tmp_path):
+    """The cost projection end to end on the CPU profile: one calibration trial per method x adapter x precision,
+    then every trial of both study scripts priced from those rates."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import project_cost
+
+    profile, trials = project_cost.study_trials("local")
+    kinds = {(t.config.method, t.config.adapter, t.config.precision) for t in trials}
+    project_cost.calibrate("tiny-random", ["fp32"], steps=2, data="generated", n_eval=4, n_generate=1,
+                           tracking_uri=runs, profile_name="local")
+    measured = project_cost.rates(runs)
+    assert set(measured) == kinds
+    assert all(r["step_s"] > 0 and r["setup_s"] > 0 for r in measured.values())
+    text = project_cost.project(runs, str(tmp_path / "bench.md"), "local")
+    rows = [r.split(" | ") for r in text.splitlines() if r.startswith("| ") and r[2:4] not in ("st", "--")]
+    assert sum(int(r[5]) for r in rows) == len(trials)
+    assert f"**{len(trials)} trials:" in text and (tmp_path / "bench.md").read_text() == text
+    with pytest.raises(SystemExit, match="trains at fp32 only"):
+        project_cost.calibrate("tiny-random", ["nf4"], 2, "generated", 4, 1, runs, "local")
