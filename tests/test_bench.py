@@ -70,10 +70,10 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
     sys.path.insert(0, str(ROOT / "bench"))
     import project_cost
 
-    profile, trials = project_cost.study_trials("local")
+    profile, trials = project_cost.study_trials("local")  # fp32 on a CPU (bf16 + nf4 where CUDA is)
     kinds = {(t.config.method, t.config.adapter, t.config.precision) for t in trials}
-    project_cost.calibrate("tiny-random", ["fp32"], steps=2, data="generated", n_eval=4, n_generate=1,
-                           tracking_uri=runs, profile_name="local")
+    project_cost.calibrate("tiny-random", sorted({k[2] for k in kinds}), steps=2, data="generated", n_eval=4,
+                           n_generate=1, tracking_uri=runs, profile_name="local")
     measured = project_cost.rates(runs)
     assert set(measured) == kinds
     assert all(r["step_s"] > 0 and r["setup_s"] > 0 for r in measured.values())
@@ -81,5 +81,5 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
     rows = [r.split(" | ") for r in text.splitlines() if r.startswith("| ") and r[2:4] not in ("st", "--")]
     assert sum(int(r[5]) for r in rows) == len(trials)
     assert f"**{len(trials)} trials:" in text and (tmp_path / "bench.md").read_text() == text
-    with pytest.raises(SystemExit, match="trains at fp32 only"):
-        project_cost.calibrate("tiny-random", ["nf4"], 2, "generated", 4, 1, runs, "local")
+    with pytest.raises(SystemExit, match="--precisions int8: the local profile's study trains at .* only"):
+        project_cost.calibrate("tiny-random", ["int8"], 2, "generated", 4, 1, runs, "local")
