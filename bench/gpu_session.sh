@@ -31,13 +31,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 
 # Order for a 30-device-minute session (staging + install take ~3): issue 6's unmeasured rows first. Measured
 # already (BENCHMARKS.md, 2026-11-23): GRIT all four cases (issue 3, closed), tvt on 8B (all six cases) and
-# SmolLM2, the planner. The list is about two sessions long: the second runs with SKIP= naming what finished.
+# SmolLM2, the planner. The list is about three sessions long: later ones run with SKIP= naming what finished.
 # Packing: per-GPU baseline (12 trials, ~10 min) then packed (36 trials).
 step packing     900 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
                      --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # The 8B rows that failed <= 1.02 on 2026-11-23, again, each with an A/A control on the same schedule (noise
 # floor); this also saves the random 8B checkpoint that cost-bf16 calibrates on.
-step tvt-8b-nf4  480 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control \
+step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control \
                      --bench-file "$ADD"
 step cost-bf16   600 python bench/project_cost.py calibrate --precisions bf16 \
                      --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
@@ -45,7 +45,7 @@ step cost-nf4    600 python bench/project_cost.py calibrate --precisions nf4 \
                      --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
 step cost-project 120 python bench/project_cost.py --bench-file "$ADD" project
 # The SmolLM2 rows that failed <= 1.02 on 2026-11-23, again, with the A/A control.
-step tvt-smollm2 540 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 sft-nf4 dpo-nf4 cita-nf4 \
+step tvt-smollm2 660 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 sft-nf4 dpo-nf4 cita-nf4 \
                      --steps 40 --block 1 --control --bench-file "$ADD"
 step pytest-gpu  300 python -m pytest -m gpu -q -p no:cacheprovider
 # Issue 3 (closed): GRIT all four cases with an A/A control, ~13 min; a re-check after GRIT changes.
