@@ -32,8 +32,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # Order for a 30-device-minute session (staging + install take ~3): issue 6's unmeasured rows first. Measured
 # already (BENCHMARKS.md, 2026-11-23): GRIT all four cases (issue 3, closed), tvt on 8B (all six cases) and
 # SmolLM2, the planner. The list is about three sessions long: later ones run with SKIP= naming what finished.
-# Packing: per-GPU baseline (12 trials, ~10 min) then packed (36 trials).
-step packing     900 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
+# Packing: per-GPU baseline (12 trials, ~10 min) then packed (36 trials: ~5 min at the 6x target, ~12 at 2x as
+# the 4-trial run of 2026-11-23 scaled), so the step may take most of a session; each mode's row is kept as it ends.
+step packing    1500 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
                      --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # The 8B rows that failed <= 1.02 on 2026-11-23, again, each with an A/A control on the same schedule (noise
 # floor); this also saves the random 8B checkpoint that cost-bf16 calibrates on.
