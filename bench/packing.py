@@ -93,6 +93,9 @@ def run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, override
         "mode": mode, "gpus": gpus, "cpus": cpus_per_gpu * gpus, "trials": len(runs), "finished": len(done),
         "wall_s": wall, "trials_per_hour": 3600 * len(done) / wall,
         "trial_s_median": _median([r.data.metrics.get("eval/trial_seconds", float("nan")) for r in done]),
+        # where a packed trial's extra time goes: per-phase medians (trainables.trial's time/* metrics)
+        "phase_s_median": {p: _median([r.data.metrics.get(f"time/{p}_s", float("nan")) for r in done])
+                           for p in ("setup", "train", "eval")},
         "first_step_s_cold": _median(first_step("false")), "first_step_s_warm": _median(first_step("true")),
         "warm_trials": len(first_step("true")),
         "peak_gib_trial_max": max((r.data.metrics.get("sys/peak_gpu_mem_gib", 0) for r in done), default=float("nan")),
@@ -111,11 +114,14 @@ def section(rows: list[dict], command: str) -> str:
     lines = [f"\n## GPU packing and scaling — bench/packing.py — {datetime.date.today()}",
              f"`{command}`: the multi-seed study, profile local on a GPU (SmolLM2, bf16 + nf4); each row is its own "
              "sweep in a fresh local Ray with the CPUs and GPUs shown.", "",
-             "| mode | GPUs | CPUs | trials (finished) | wall s | trials/h | trial s (median) | first step s cold / warm (n warm) "
-             "| GPU share per trial | GPU mem peak MiB | GPU util % | machine |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mode | GPUs | CPUs | trials (finished) | wall s | trials/h | trial s (median) | setup / train / eval s "
+             "(medians) | first step s cold / warm (n warm) | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['gpus']} | {r['cpus']} | {r['trials']} ({r['finished']}) | {r['wall_s']:.0f} | "
-                     f"{r['trials_per_hour']:.0f} | {r['trial_s_median']:.1f} | {r['first_step_s_cold']:.1f} / "
+                     f"{r['trials_per_hour']:.0f} | {r['trial_s_median']:.1f} | "
+                     f"{' / '.join(f'{v:.1f}' for v in r.get('phase_s_median', {}).values()) or 'n/a'} | "
+                     f"{r['first_step_s_cold']:.1f} / "
                      f"{r['first_step_s_warm']:.1f} ({r['warm_trials']}) | {', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "
                      f"{r['gpu_util_mean']:.0f} | {r['machine']} |")
     ratios = []

@@ -83,3 +83,20 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
     assert f"**{len(trials)} trials:" in text and (tmp_path / "bench.md").read_text() == text
     with pytest.raises(SystemExit, match="--precisions int8: the local profile's study trains at .* only"):
         project_cost.calibrate("tiny-random", ["int8"], 2, "generated", 4, 1, runs, "local")
+
+
+def test_packing_section_compares_rows_of_one_results_file():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import packing
+
+    row = dict(mode="per-gpu", gpus=1, cpus=16, trials=12, finished=12, wall_s=540.0, trials_per_hour=80.0,
+               trial_s_median=45.0, phase_s_median={"setup": 1.0, "train": 30.0, "eval": 12.0},
+               first_step_s_cold=9.0, first_step_s_warm=2.5, warm_trials=11, gpu_shares=["1"],
+               gpu_mem_peak_mib=3000.0, gpu_util_mean=20.0, machine="H100")
+    packed = dict(row, mode="packed", trials=36, finished=36, trials_per_hour=520.0, first_step_s_warm=6.0,
+                  phase_s_median={"setup": 2.0, "train": 60.0, "eval": 25.0})
+    text = packing.section([row, dict(row, trials_per_hour=1.0, mode="packed", gpus=2), packed], "cmd")
+    assert "| packed | 1 | 16 | 36 (36) |" in text and "| 2.0 / 60.0 / 25.0 |" in text
+    assert "**6.50x** trials/hour (target >= 6): PASS" in text  # 520 / 80, the latest packed 1-GPU row
+    assert "**0.00x** trials/hour (target >= 1.9): FAIL" in text  # 2 GPUs (1/h) vs 1 (520/h)
+    assert "median 2.5-6.0 s across rows (target <= 5 s): FAIL" in text
