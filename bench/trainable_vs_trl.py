@@ -53,9 +53,11 @@ write lands in whichever side's step is running at the time, about one step in 2
 Table: mean and median s/step per side; ratio = trainable / bare (mean / median); verdict "pass" when both ratios
 <= 1.02. Notes: the range of per-block-pair ratios and a 95% paired-bootstrap interval of the ratio of means
 over block pairs (how far the verdict could move).
---control then runs two fresh bare trainers on the same schedule: the A/A row (bare against bare) is the run's
-noise floor, which a ratio must be read against. (A third side in one rotation instead showed a position bias of
-5-8% on a CPU, so the control copies the real comparison's schedule exactly.)
+--control then runs two fresh bare trainers in the two places: one built first and scheduled as the trainable is,
+one built second and scheduled as bare is. Its row (same columns, ratio = the first one / the second one) is the
+run's noise floor, including any build-order or position effect, which the real ratio must be read against: on a
+CPU two identical trainers ran 2-10% apart by build order. (A third side in one rotation instead showed a 5-9%
+position bias there, so the control copies the real comparison exactly.)
 
 HOW PEAK MEMORY IS MEASURED. Both sides are resident, so torch.cuda.max_memory_allocated() during a step holds the
 other side's tensors too. Every allocation is attributed to the side that was running when it stayed allocated:
@@ -572,13 +574,15 @@ def run_case(case, env, a) -> dict:
         if a.control:
             release(sides)
             t = time.time()
+            # bare-a takes the trainable's place (built first, second in each ABBA pair), bare-b bare's: the A/A
+            # ratio a/b then carries any build-order or schedule-position effect the real ratio carries
             bare("bare-a"), bare("bare-b")
-            Interleaver(sides, abba("bare-a", "bare-b", a.warmup, a.steps, block)).run()
+            Interleaver(sides, abba("bare-b", "bare-a", a.warmup, a.steps, block)).run()
             log(f"{case}: A/A control, {max_steps} steps per side in {time.time() - t:.0f} s")
             res["control"] = {k: summary(s, a.warmup, block) for k, s in sides.items()}
             ca, cb = res["control"]["bare-a"], res["control"]["bare-b"]
             if "mean" in ca and "mean" in cb:
-                notes.append(ratio_note("A/A bare-b/bare-a", ca, cb))
+                notes.append(ratio_note("A/A bare-a/bare-b", cb, ca))
     except Exception as e:  # noqa: BLE001 - one failing case must not sink the others
         traceback.print_exc()
         res["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -747,10 +751,10 @@ def report(results, a) -> str:
                      f"{ratios[0]:.3f} / {ratios[1]:.3f} | {verdict} | {fmt(b['peak'], '.2f')} | "
                      f"{fmt(t['peak'], '.2f')} | {fmt(est, '.2f')} | {fmt(err_pct, '+.1f')} |")
         ca, cb = res.get("control", {}).get("bare-a", {}), res.get("control", {}).get("bare-b", {})
-        if "mean" in ca and "mean" in cb:  # the A/A row: bare against bare on the same schedule, the noise floor
-            lines.append(f"| {case}: A/A control | {ca['mean']:.3f} / {ca['median']:.3f} | {cb['mean']:.3f} / "
-                         f"{cb['median']:.3f} | {cb['mean'] / ca['mean']:.3f} / {cb['median'] / ca['median']:.3f} | "
-                         f"noise floor (bare vs bare) | {fmt(ca['peak'], '.2f')} | {fmt(cb['peak'], '.2f')} | | |")
+        if "mean" in ca and "mean" in cb:  # the A/A row: bare in both places, same build order and schedule
+            lines.append(f"| {case}: A/A control | {cb['mean']:.3f} / {cb['median']:.3f} | {ca['mean']:.3f} / "
+                         f"{ca['median']:.3f} | {ca['mean'] / cb['mean']:.3f} / {ca['median'] / cb['median']:.3f} | "
+                         f"noise floor (bare in both places) | {fmt(cb['peak'], '.2f')} | {fmt(ca['peak'], '.2f')} | | |")
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
