@@ -25,7 +25,8 @@ step() {  # step NAME SECONDS CMD...
   local log; log=$(printf '%s/%02d-%s.log' "$RESULTS" "$n" "$name")
   echo "[$(date +%T)] start $name (limit ${limit}s): $*"
   timeout "$limit" "$@" > "$log" 2>&1
-  echo "[$(date +%T)] end $name rc=$?"
+  local rc=$?  # 124: the time limit
+  echo "[$(date +%T)] end $name rc=$rc"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
 
@@ -36,10 +37,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # the 4-trial run of 2026-11-23 scaled), so the step may take most of a session; each mode's row is kept as it ends.
 step packing    1500 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
                      --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
-# The 8B rows that failed <= 1.02 on 2026-11-23, again, each with an A/A control on the same schedule (noise
-# floor); this also saves the random 8B checkpoint that cost-bf16 calibrates on.
+# The 8B rows that failed <= 1.02 on 2026-11-23, again, each with its A/A control (the noise floor).
 step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control \
                      --bench-file "$ADD"
+# The random 8B checkpoint the calibration trains on (kept from tvt-8b-nf4 if that ran on this VM).
+step ckpt-8b     300 python bench/trainable_vs_trl.py --checkpoint-only
 step cost-bf16   600 python bench/project_cost.py calibrate --precisions bf16 \
                      --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
 step cost-nf4    600 python bench/project_cost.py calibrate --precisions nf4 \

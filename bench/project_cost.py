@@ -54,9 +54,9 @@ def calibrate(model: str, precisions: list[str], steps: int, data: str, n_eval: 
 
     profile, trials = study_trials(profile_name)
     offered = sorted({t.config.precision for t in trials})
-    if not set(precisions) & set(offered):
-        raise SystemExit(f"--precisions {' '.join(precisions)}: the {profile.name} profile's study trains at "
-                         f"{', '.join(offered)} only")
+    if set(precisions) - set(offered):
+        raise SystemExit(f"--precisions {' '.join(sorted(set(precisions) - set(offered)))}: the {profile.name} "
+                         f"profile's study trains at {', '.join(offered)} only")
     seen, uri = set(), tracking_uri or tracking.default_tracking_uri()
     client = tracking.client(uri)
     experiment = tracking.ensure_experiment(client, EXPERIMENT)

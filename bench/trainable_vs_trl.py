@@ -523,8 +523,7 @@ def release(sides: dict):
 
 
 def run_case(case, env, a) -> dict:
-    """One ABBA comparison at --micro-batch x --grad-accum; with --control, then the same schedule for two fresh
-    bare trainers (A/A: the noise floor the ratio must be read against)."""
+    """One ABBA comparison at --micro-batch x --grad-accum; with --control, then the A/A pair (run_control)."""
     method, precision = case.split("-")
     if precision == "nf4" and not cuda():
         return {"error": "nf4 needs CUDA (bitsandbytes 4-bit on a GPU)"}
@@ -535,22 +534,22 @@ def run_case(case, env, a) -> dict:
     cfg = trial_config(method, precision, env.model_name, a.seq, a.micro_batch, a.grad_accum, max_steps)
     res, sides, notes = {"notes": []}, {}, []
 
-    def bare(name):
+    def add_bare(sides, name):
         m0 = allocated()
         trainer = build_bare(method, precision, env.ckpt, ds, a.seq, a.micro_batch, a.grad_accum, max_steps, env.tmp)
         sides[name] = Side(name, trainer, allocated() - m0)
-        return trainer
 
     try:
         free_memory()
         m0 = allocated()
         t = time.time()
-        trainer_t, logger, run_id = build_trainable(cfg, ds, env)
-        sides["trainable"] = Side("trainable", trainer_t, allocated() - m0)
-        trainer_b = bare("bare")
+        trainer, logger, run_id = build_trainable(cfg, ds, env)
+        sides["trainable"] = Side("trainable", trainer, allocated() - m0)
+        del trainer  # `sides` holds the only reference: release() must be able to free it
+        add_bare(sides, "bare")
         log(f"{case}: both trainers built ({time.time() - t:.0f} s); resident GiB: trainable "
             f"{sides['trainable'].resident / 2**30:.2f}, bare {sides['bare'].resident / 2**30:.2f}")
-        diffs = setting_differences(trainer_b, trainer_t)
+        diffs = setting_differences(sides["bare"].trainer, sides["trainable"].trainer)
         if diffs:
             notes.append("settings differ: " + "; ".join(diffs))
             log(f"{case}: WARNING settings differ: {diffs}")
@@ -571,25 +570,43 @@ def run_case(case, env, a) -> dict:
         res["estimate"], err = estimate(cfg, env.model_name, env.ckpt, a.seq)
         if err:
             notes.append(err)
-        if a.control:
-            release(sides)
-            t = time.time()
-            # bare-a takes the trainable's place (built first, second in each ABBA pair), bare-b bare's: the A/A
-            # ratio a/b then carries any build-order or schedule-position effect the real ratio carries
-            bare("bare-a"), bare("bare-b")
-            Interleaver(sides, abba("bare-b", "bare-a", a.warmup, a.steps, block)).run()
-            log(f"{case}: A/A control, {max_steps} steps per side in {time.time() - t:.0f} s")
-            res["control"] = {k: summary(s, a.warmup, block) for k, s in sides.items()}
-            ca, cb = res["control"]["bare-a"], res["control"]["bare-b"]
-            if "mean" in ca and "mean" in cb:
-                notes.append(ratio_note("A/A bare-a/bare-b", cb, ca))
     except Exception as e:  # noqa: BLE001 - one failing case must not sink the others
         traceback.print_exc()
         res["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     finally:
         release(sides)
     res["notes"] = notes
+    if a.control and "error" not in res:
+        if method == "cita" and f"dpo-{precision}" in a.cases:  # bare DPOTrainer twice, as dpo's control is
+            notes.append(f"A/A control: see dpo-{precision} (the same pair of bare DPO trainers)")
+        else:
+            run_control(res, case, add_bare, a, max_steps, block)
     return res
+
+
+def run_control(res, case, add_bare, a, max_steps, block):
+    """The A/A pair: bare-a in the trainable's place (built first, second in each ABBA pair), bare-b in bare's, so
+    the ratio a/b carries any build-order or schedule-position effect the real ratio carries. A failure or the time
+    limit is noted; the real comparison's results stay (a time limit then stops the run after this case)."""
+    sides = {}
+    try:
+        t = time.time()
+        add_bare(sides, "bare-a")
+        add_bare(sides, "bare-b")
+        Interleaver(sides, abba("bare-b", "bare-a", a.warmup, a.steps, block)).run()
+        log(f"{case}: A/A control, {max_steps} steps per side in {time.time() - t:.0f} s")
+        res["control"] = {k: summary(s, a.warmup, block) for k, s in sides.items()}
+        ca, cb = res["control"]["bare-a"], res["control"]["bare-b"]
+        if "mean" in ca and "mean" in cb:
+            res["notes"].append(ratio_note("A/A bare-a/bare-b", cb, ca))
+    except Interrupted as e:
+        res["notes"].append(f"A/A control stopped by the time limit ({e})")
+        res["interrupted"] = e
+    except Exception as e:  # noqa: BLE001 - the real comparison above still counts
+        traceback.print_exc()
+        res["notes"].append(f"A/A control failed: {type(e).__name__}: {str(e)[:200]}")
+    finally:
+        release(sides)
 
 
 def peak_flops(a) -> tuple[float, str]:
@@ -752,9 +769,11 @@ def report(results, a) -> str:
                      f"{fmt(t['peak'], '.2f')} | {fmt(est, '.2f')} | {fmt(err_pct, '+.1f')} |")
         ca, cb = res.get("control", {}).get("bare-a", {}), res.get("control", {}).get("bare-b", {})
         if "mean" in ca and "mean" in cb:  # the A/A row: bare in both places, same build order and schedule
+            errs = [f"{k}: {r['error']}" for k, r in (("bare-a", ca), ("bare-b", cb)) if r.get("error")]
             lines.append(f"| {case}: A/A control | {cb['mean']:.3f} / {cb['median']:.3f} | {ca['mean']:.3f} / "
                          f"{ca['median']:.3f} | {ca['mean'] / cb['mean']:.3f} / {ca['median'] / cb['median']:.3f} | "
-                         f"noise floor (bare in both places) | {fmt(cb['peak'], '.2f')} | {fmt(ca['peak'], '.2f')} | | |")
+                         f"noise floor (bare in both places){'; ERROR partway (' + '; '.join(errs) + ')' if errs else ''}"
+                         f" | {fmt(cb['peak'], '.2f')} | {fmt(ca['peak'], '.2f')} | | |")
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
@@ -845,6 +864,9 @@ def main():
     ap.add_argument("--ckpt-dir", default=os.environ.get("ALIGNSWEEP_BENCH_CKPT"),
                     help="where the random 8B checkpoint is saved once and reused (default "
                          "$ALIGNSWEEP_BENCH_CKPT or ~/.cache/alignsweep-bench, else the temp dir)")
+    ap.add_argument("--checkpoint-only", action="store_true",
+                    help="save the random 8B checkpoint to --ckpt-dir if it is not there yet, print its path, exit "
+                         "(bench/project_cost.py calibrates on it)")
     ap.add_argument("--bench-file", default=None,
                     help="Markdown file to append to (default BENCHMARKS.md; with --tiny a temp file)")
     a = ap.parse_args()
@@ -861,6 +883,9 @@ def main():
     if a.planner and a.shape != "llama3-8b":
         log(f"note: --planner targets the 8B shape; running it on {a.shape}")
 
+    if a.checkpoint_only:
+        print(checkpoint(a)[1])
+        return
     started = time.time()
     env = Env()
     env.tmp = tempfile.mkdtemp(prefix="tvt_")
@@ -887,6 +912,8 @@ def main():
                         f"peak {fmt(r[k]['peak'], '.2f')} GiB{tok_s}")
             if r.get("error"):
                 log(f"{case} FAILED: {r['error']}")
+            if "interrupted" in r:  # the time limit hit the A/A control: keep this case, report, stop
+                raise r.pop("interrupted")
             free_memory()
             left = f"; {allocated() / 2**30:.2f} GiB still allocated (should be ~0)" if cuda() else ""
             log(f"{case} done in {time.time() - t:.0f} s{left}")

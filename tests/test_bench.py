@@ -82,7 +82,8 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
     assert sum(int(r[5]) for r in rows) == len(trials)
     assert f"**{len(trials)} trials:" in text and (tmp_path / "bench.md").read_text() == text
     with pytest.raises(SystemExit, match="--precisions int8: the local profile's study trains at .* only"):
-        project_cost.calibrate("tiny-random", ["int8"], 2, "generated", 4, 1, runs, "local")
+        project_cost.calibrate("tiny-random", ["int8", *sorted({k[2] for k in kinds})], 2, "generated", 4, 1, runs,
+                               "local")
 
 
 def test_packing_section_compares_rows_of_one_results_file():
@@ -100,3 +101,46 @@ def test_packing_section_compares_rows_of_one_results_file():
     assert "**6.50x** trials/hour (target >= 6): PASS" in text  # 520 / 80, the latest packed 1-GPU row
     assert "**0.00x** trials/hour (target >= 1.9): FAIL" in text  # 2 GPUs (1/h) vs 1 (520/h)
     assert "median 2.5-6.0 s across rows (target <= 5 s): FAIL" in text
+
+
+def _side(mean, median, blocks, peak=1.0):
+    return {"mean": mean, "median": median, "n": len(blocks), "peak": peak, "error": None, "blocks": blocks}
+
+
+def test_report_puts_the_aa_pair_in_the_real_pairs_places():
+    """The A/A row reads like the real one: bare-b (built second, bare's place) in the bare column, bare-a (built
+    first, the trainable's place) in the trainable column, ratio a/b; the note's CI is of the same ratio."""
+    import argparse
+
+    tvt = _tvt()
+    a = argparse.Namespace(cases=["dpo-fp32"], seq=64, micro_batch=1, grad_accum=1, block=1, steps=3, warmup=0,
+                           control=True, shape="tiny")
+    base, other = _side(1.0, 1.0, [1.0, 1.0, 1.0]), _side(1.1, 1.1, [1.1, 1.1, 1.1])
+    res = {"bare": _side(2.0, 2.0, [2.0] * 3), "trainable": _side(2.2, 2.2, [2.2] * 3), "estimate": 0.1,
+           "control": {"bare-a": other, "bare-b": base},
+           "notes": [tvt.ratio_note("A/A bare-a/bare-b", base, other)]}
+    text = tvt.report({"dpo-fp32": res}, a)
+    assert "| dpo-fp32: A/A control | 1.000 / 1.000 | 1.100 / 1.100 | 1.100 / 1.100 | noise floor" in text
+    assert "A/A bare-a/bare-b: per-block-pair ratio 1.100..1.100 over 3 pairs; ratio of means, 95% " \
+           "paired-bootstrap CI 1.100..1.100" in text
+    assert "| dpo-fp32 | 2.000 / 2.000 | 2.200 / 2.200 | 1.100 / 1.100 | FAIL" in text
+
+
+def test_a_failed_or_interrupted_aa_control_keeps_the_real_comparison():
+    import argparse
+
+    tvt = _tvt()
+    a = argparse.Namespace(warmup=0, steps=2)
+
+    def stopped(sides, name):
+        raise tvt.Interrupted("signal 15")
+
+    def broken(sides, name):
+        raise RuntimeError("no memory")
+
+    res = {"bare": _side(1.0, 1.0, [1.0]), "notes": []}
+    tvt.run_control(res, "dpo-bf16", broken, a, 2, 1)
+    assert res["notes"] == ["A/A control failed: RuntimeError: no memory"] and "control" not in res
+    tvt.run_control(res, "dpo-bf16", stopped, a, 2, 1)
+    assert res["notes"][-1] == "A/A control stopped by the time limit (signal 15)"
+    assert isinstance(res["interrupted"], tvt.Interrupted) and "bare" in res
