@@ -327,20 +327,35 @@ def test_sft_grit_off_equals_lora_exactly_and_on_differs(tok):
     assert m["grit/natgrad_norm"] != pytest.approx(m["grit/grad_norm"], rel=1e-2)
 
 
+def test_factors_refresh_every_k_steps_and_preconditioning_starts_after_the_first(tok):
+    """kfac_update_freq=3 over 7 steps: refreshes after steps 3 and 6, so steps 4-7 are preconditioned and the
+    losses of steps 1-4 (three plain updates) are LoRA's, bit for bit; reprojection after step 4 only."""
+    cfg = GritConfig(sample_every=1, kfac_min_samples=1, kfac_update_freq=3, reprojection_freq=4, damping=1e-4,
+                     **NO_REG)
+    lora_loss, _, _ = train_sft(tok, steps=7)
+    loss, _, ctrl = train_sft(tok, cfg, steps=7)
+    assert (ctrl.steps, ctrl.factor_refreshes, ctrl.steps_preconditioned, ctrl.reprojections) == (7, 2, 4, 1)
+    assert loss[:4] == lora_loss[:4] and loss[4] != lora_loss[4]
+
+
 @pytest.mark.parametrize("bits", ["nf4", "int8"])
 def test_grit_acts_over_quantized_base_weights(tok, bits):
+    import bitsandbytes as bnb
     from transformers import BitsAndBytesConfig
 
     q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
          if bits == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
     loss, _, ctrl = train_sft(tok, GritConfig(**ACTIVE), steps=2, quantization_config=q, device_map="cpu")
+    quantized = bnb.nn.Linear4bit if bits == "nf4" else bnb.nn.Linear8bitLt
+    # every adapter GRIT drives sits on a quantized base Linear
+    assert sum(isinstance(m, quantized) for m in ctrl._model.modules()) == len(ctrl.modules) > 0
     m = ctrl.metrics()
     assert m["grit/steps_preconditioned"] == 1 and m["grit/reprojections"] == 1
     assert all(torch.isfinite(torch.tensor(loss))) and m["grit/natgrad_norm"] > 0
 
 
-@pytest.mark.parametrize("method", ["dpo", "cita"])
-def test_reference_eval_and_generation_passes_leave_statistics_untouched(tok, method):
+def pref_trainer(tok, method, steps):
+    """A DPO or CITA trainer on the tiny model with a fresh LoRA adapter (reference = adapter disabled)."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -349,12 +364,38 @@ def test_reference_eval_and_generation_passes_leave_statistics_untouched(tok, me
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(models.resolve(models.TINY))
-    args = DPOConfig(output_dir="/tmp/grit-test", max_length=48, max_steps=2, **COMMON)
+    args = DPOConfig(output_dir="/tmp/grit-test", max_length=48, max_steps=steps, **COMMON)
     trainer_class, extra = (DPOTrainer, {}) if method == "dpo" else \
         (cita._trainer_class(), {"lambda_kl": 0.1, "anchor": "seq_kl"})
-    trainer = trainer_class(model=model, args=args, train_dataset=pref_data(), processing_class=tok,
-                            peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"),
-                            **extra)
+    return trainer_class(model=model, args=args, train_dataset=pref_data(), processing_class=tok,
+                         peft_config=LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"),
+                         **extra)
+
+
+def train_pref(tok, method, grit_cfg=None, steps=3):
+    trainer = pref_trainer(tok, method, steps)
+    ctrl = grit.attach(trainer, grit_cfg) if grit_cfg is not None else None
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], ctrl
+
+
+@pytest.mark.parametrize("method", ["dpo", "cita"])
+def test_preference_methods_grit_off_equals_lora_exactly_and_on_preconditions(tok, method):
+    """DPO and CITA (reference pass with the adapter disabled each step): GRIT with both features off trains as
+    LoRA bit for bit; active, it preconditions every step after the first refresh and changes the trajectory."""
+    lora_loss, _ = train_pref(tok, method)
+    off_loss, _ = train_pref(tok, method, GritConfig(precondition=False, reproject=False, sample_every=1))
+    assert off_loss == lora_loss
+    on_loss, on = train_pref(tok, method, GritConfig(**ACTIVE, **NO_REG))
+    m = on.metrics()
+    assert m["grit/steps_preconditioned"] == 2 and m["grit/factor_refreshes"] == 3 and m["grit/natgrad_norm"] > 0
+    assert on_loss[0] == lora_loss[0] and abs(on_loss[2] - lora_loss[2]) > 1e-6
+    assert all(torch.isfinite(torch.tensor(on_loss)))
+
+
+@pytest.mark.parametrize("method", ["dpo", "cita"])
+def test_reference_eval_and_generation_passes_leave_statistics_untouched(tok, method):
+    trainer = pref_trainer(tok, method, steps=2)
     ctrl = grit.attach(trainer, GritConfig(sample_every=1))
     peft_model = trainer.model
     first_lora = next(m for m in peft_model.modules() if hasattr(m, "lora_A"))
