@@ -32,15 +32,17 @@ def test_sweep_runs_trials_and_rerun_skips_finished(runs, tiny_model, ray_local)
     parent = client.get_run(first.parent_run_id)
     assert parent.data.tags["profile"] == "test" and parent.info.status == "FINISHED"
 
-    # same study again, plus one new seed: only the new trials run
-    spec.seeds = [1, 2]
+    # same study again, plus two new seeds: only the new trials run; 4 trials on 2 CPUs, so Tune reuses a
+    # finished trial's worker (reuse_actors) for a later one, which then starts warm
+    spec.seeds = [1, 2, 3]
     second = run_sweep(spec, CPU, tracking_uri=runs)
-    assert (len(second.skipped), second.ran) == (2, 2)
+    assert (len(second.skipped), second.ran) == (2, 4)
     kids = _children(client, first.experiment_id)
-    assert len(kids) == 4 and len({r.data.tags["trial_key"] for r in kids}) == 4
+    assert len(kids) == 6 and len({r.data.tags["trial_key"] for r in kids}) == 6
+    assert "true" in {r.data.tags["warm_worker"] for r in kids if r.data.tags["seed"] != "1"}
 
     third = run_sweep(spec, CPU, tracking_uri=runs)
-    assert third.ran == 0 and len(_children(client, first.experiment_id)) == 4
+    assert third.ran == 0 and len(_children(client, first.experiment_id)) == 6
 
 
 def test_failing_trial_is_recorded_and_sweep_goes_on(runs, tiny_model, ray_local):
