@@ -1,4 +1,6 @@
 """A real Ray Tune sweep on the tiny model: trials land in MLflow, reruns add nothing, a failure doesn't stop it."""
+import json
+
 from sweeps.profiles import Profile
 from sweeps.runner import run_sweep
 from sweeps.spec import Spec
@@ -27,6 +29,11 @@ def test_sweep_runs_trials_and_rerun_skips_finished(runs, tiny_model, ray_local)
     grit_run = next(r for r in kids if r.data.tags["adapter"] == "grit")
     assert grit_run.data.metrics["grit/steps_preconditioned"] >= 1
     assert grit_run.data.metrics["grit/factor_refreshes"] >= 1
+    assert grit_run.data.metrics["grit/natgrad_norm"] > 0 and grit_run.data.metrics["grit/top_eigenvalue"] > 0
+    # per-module proof: every LoRA module's effective rank and top eigenvalues, as an artifact
+    per_module = json.loads(open(client.download_artifacts(grit_run.info.run_id, "grit_modules.json")).read())
+    assert len(per_module) == 14 and all(1 <= m["rank"] <= 16 and m["top_eig_a"] > 0 and m["samples"] > 0
+                                         for m in per_module.values())
     assert all(r.info.status == "FINISHED" for r in kids)
     assert {r.data.tags["mlflow.parentRunId"] for r in kids} == {first.parent_run_id}
     parent = client.get_run(first.parent_run_id)

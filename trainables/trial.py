@@ -178,5 +178,7 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
         if torch.cuda.is_available():
             metrics["sys/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         model.save_pretrained(f"{workdir}/adapter")
+        if grit_controller:  # rank and top eigenvalues per module (the metrics summarize them per projection type)
+            client.log_dict(run_id, grit_controller[0].module_stats(), "grit_modules.json")
         tracking.finish_trial_run(client, run_id, metrics, items, f"{workdir}/adapter", step)
     return metrics
