@@ -144,3 +144,20 @@ def test_a_failed_or_interrupted_aa_control_keeps_the_real_comparison():
     tvt.run_control(res, "dpo-bf16", stopped, a, 2, 1)
     assert res["notes"][-1] == "A/A control stopped by the time limit (signal 15)"
     assert isinstance(res["interrupted"], tvt.Interrupted) and "bare" in res
+
+
+def test_trainable_vs_trl_runs_end_to_end_with_the_aa_control(tmp_path):
+    """The whole script on the CPU (tiny Llama): both pairs interleave, the table has the real and the A/A rows,
+    and CITA points to DPO's control instead of repeating it."""
+    out = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "trainable_vs_trl.py"), "--tiny", "--cases", "dpo-fp32", "cita-fp32",
+         "--steps", "2", "--block", "1", "--warmup", "1", "--control", "--bench-file", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    rows = [r for r in text.splitlines() if r.startswith("| ")]
+    assert any(r.startswith("| dpo-fp32 | ") for r in rows) and any(r.startswith("| cita-fp32 (bare") for r in rows)
+    assert any(r.startswith("| dpo-fp32: A/A control | ") and "noise floor" in r for r in rows)
+    assert not any(r.startswith("| cita-fp32: A/A") for r in rows)
+    assert "- cita-fp32: A/A control: see dpo-fp32" in text and "- dpo-fp32: A/A bare-a/bare-b:" in text
