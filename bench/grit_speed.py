@@ -80,6 +80,16 @@ def mark_interrupted(results: dict, cases, err: Interrupted) -> None:
     results.update({c: {"error": f"interrupted ({err})"} for c in cases if c not in results})
 
 
+def abba_blocks(x, y, steps, block):
+    """[(label, block)] in ABBA order (x y y x x y ...) until each side has >= `steps` steps: drift (clocks, host
+    load, allocator state) then hits both sides alike."""
+    out = []
+    for k in range(-(-steps // block)):
+        pair = (x, y) if k % 2 == 0 else (y, x)
+        out += [(pair[0], block), (pair[1], block)]
+    return out
+
+
 def llama_config(tiny: bool):
     from transformers import LlamaConfig
 
@@ -176,11 +186,7 @@ def schedule(a):
     reprojection (at 2 x 50). The stress setting (a second controller, sample_every=1, refresh + reprojection
     every 5 steps) follows in the same way with its own interleaved LoRA blocks."""
     def abba(x, y, n):
-        out, blocks = [], -(-n // a.block)
-        for k in range(blocks):
-            pair = [x, y] if k % 2 == 0 else [y, x]
-            out += [pair[0]] * a.block + [pair[1]] * a.block
-        return out
+        return [label for label, k in abba_blocks(x, y, n, a.block) for _ in range(k)]
     steps = ["warm-lora"] * 5 + ["warm-grit"] * a.warmup + abba("lora", "grit", a.steps)
     if a.control:  # A/A: LoRA against LoRA in the same alternation, the noise floor of a ratio
         steps += abba("ctl-a", "ctl-b", a.control_steps or a.steps)

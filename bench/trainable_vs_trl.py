@@ -100,7 +100,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from grit_speed import Interrupted, log, mark_interrupted, report_on_sigterm  # noqa: E402
+from grit_speed import Interrupted, abba_blocks, log, mark_interrupted, report_on_sigterm  # noqa: E402
 from trainables.trial import free_memory  # noqa: E402
 
 METHODS = ("sft", "dpo", "cita")
@@ -448,11 +448,8 @@ class Interleaver:
 
 def abba(first, second, warmup, steps, block):
     """[(side, steps)]: warmup each, ABBA blocks until each has >= steps timed, then 1 untimed final step each."""
-    blocks = [(first, warmup), (second, warmup)] if warmup else []
-    for k in range(math.ceil(steps / block)):
-        pair = (first, second) if k % 2 == 0 else (second, first)
-        blocks += [(pair[0], block), (pair[1], block)]
-    return blocks + [(first, 1), (second, 1)]
+    warm = [(first, warmup), (second, warmup)] if warmup else []
+    return warm + abba_blocks(first, second, steps, block) + [(first, 1), (second, 1)]
 
 
 def ratio_ci(base_blocks, other_blocks):

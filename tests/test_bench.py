@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the scripts import each other as top-level modules
 
 
 def test_grit_speed_stopped_by_sigterm_writes_the_finished_cases(tmp_path):
@@ -35,7 +36,6 @@ def test_grit_speed_stopped_by_sigterm_writes_the_finished_cases(tmp_path):
 
 
 def _tvt():
-    sys.path.insert(0, str(ROOT / "bench"))
     import trainable_vs_trl
     return trainable_vs_trl
 
@@ -67,7 +67,6 @@ def test_ratio_ci_is_of_the_ratio_of_means_not_the_biased_mean_of_ratios():
 def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, tiny_model, tmp_path):
     """The cost projection end to end on the CPU profile: one calibration trial per method x adapter x precision,
     then every trial of both study scripts priced from those rates."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import project_cost
 
     profile, trials = project_cost.study_trials("local")  # fp32 on a CPU (bf16 + nf4 where CUDA is)
@@ -87,7 +86,6 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
 
 
 def test_packing_section_compares_rows_of_one_results_file():
-    sys.path.insert(0, str(ROOT / "bench"))
     import packing
 
     row = dict(mode="per-gpu", gpus=1, cpus=16, trials=12, finished=12, wall_s=540.0, trials_per_hour=80.0,
