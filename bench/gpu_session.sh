@@ -33,9 +33,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # Order for a 30-device-minute session (staging + install take ~3): issue 6's unmeasured rows first. Measured
 # already (BENCHMARKS.md, 2026-11-23): GRIT all four cases (issue 3, closed), tvt on 8B (all six cases) and
 # SmolLM2, the planner. The list is about three sessions long: later ones run with SKIP= naming what finished.
-# Packing: per-GPU baseline (12 trials, ~10 min) then packed (36 trials: ~5 min at the 6x target, ~12 at 2x as
-# the 4-trial run of 2026-11-23 scaled), so the step may take most of a session; each mode's row is kept as it ends.
-step packing    1500 python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3 \
+# Packing, first without Ray: 1, 4 and 16 processes training one SmolLM2 trial's config at once, time-sliced and
+# under MPS (~6 min), which says whether the GPU's time-slicing between processes is what packing loses.
+step scaling     480 python bench/packing.py --scaling 1 4 16 --mps both --steps 20 --bench-file "$ADD"
+# Then the sweep: per-GPU baseline (12 trials, ~9 min), packed under MPS and packed time-sliced (36 trials each:
+# ~5 min at the 6x target, ~13 at the 2x the 4-trial run of 2026-11-23 gave). Each mode's row is kept as it ends.
+step packing    1500 python bench/packing.py --mode per-gpu packed-mps packed --seeds 1 --packed-seeds 3 \
                      --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # The 8B rows that failed <= 1.02 on 2026-11-23, again, each with its A/A control (the noise floor).
 step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control \

@@ -2,6 +2,8 @@
 
     python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3          # one H100, one call
     python bench/packing.py --mode packed --gpus 1 2 --packed-seeds 3                 # 2 x H200: scaling
+    python bench/packing.py --mode per-gpu packed packed-mps                          # also packed under MPS
+    python bench/packing.py --scaling 1 4 8 16 --mps both                             # training only, no Ray
 
 Each (mode, GPU count) runs the study's trials (profile local on a GPU: SmolLM2, bf16 and nf4, all methods and
 adapters) as a sweep of its own, in a fresh local Ray with `--cpus-per-gpu` CPUs and the given GPUs, into its
@@ -10,6 +12,10 @@ trial start to the end of the first optimizer step on fresh and on warm (reused)
 and utilization (nvidia-smi, once a second).
 - per-gpu: every trial gets a whole GPU (Ray GPU = 1), as a sweep without packing would run.
 - packed: the profile's packing, each trial's GPU share sized by the memory planner (trainables/memory.py).
+- packed-mps: the same under NVIDIA's Multi-Process Service (a private control daemon this script starts and
+  stops), which lets the kernels of the packed trials' processes run concurrently instead of time-sliced.
+--scaling N...: where packing loses time, without Ray or evaluation: N processes train the same trial's config at
+once on GPU 0 (after a common start barrier); aggregate optimizer steps/s against one process alone.
 Ratios are computed between rows of one results file (`--results`, JSON lines; rows accumulate across calls,
 so a comparison too long for one call can span two calls on the same warm machine: the table names the
 machine of every row). Appends a section to BENCHMARKS.md.
@@ -17,14 +23,17 @@ machine of every row). Appends a section to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -50,7 +59,40 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
+@contextlib.contextmanager
+def mps_daemon(enabled: bool = True):
+    """NVIDIA MPS for the processes started inside (they inherit the pipe directory): a private control daemon,
+    quit on exit. Changes no GPU setting (compute mode, clocks, MIG stay as they are)."""
+    if not enabled:
+        yield
+        return
+    root = Path(tempfile.mkdtemp(prefix="alignsweep-mps-"))
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(root / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(root / "log")}
+    for d in env.values():
+        Path(d).mkdir()
+    try:
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], env={**os.environ, **env}, check=True, timeout=30)
+    except FileNotFoundError:
+        raise SystemExit("MPS: nvidia-cuda-mps-control not found (it comes with the NVIDIA driver's utilities)") from None
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, timeout=60, check=False)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrides: list[str]) -> dict:
+    with mps_daemon(mode == "packed-mps"):
+        return _run_mode(mode, gpus, seeds, cpus_per_gpu, overrides)
+
+
+def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrides: list[str]) -> dict:
     import ray
     import torch
 
@@ -125,14 +167,17 @@ def section(rows: list[dict], command: str) -> str:
                      f"{r['first_step_s_warm']:.1f} ({r['warm_trials']}) | {', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "
                      f"{r['gpu_util_mean']:.0f} | {r['machine']} |")
     ratios = []
-    per_gpu, packed1, packed2 = find("per-gpu", 1), find("packed", 1), find("packed", 2)
-    if per_gpu and packed1:
-        x = packed1["trials_per_hour"] / per_gpu["trials_per_hour"]
-        ratios.append(f"- packed vs one trial per GPU (1 GPU): **{x:.2f}x** trials/hour (target >= 6): "
-                      f"{'PASS' if x >= 6 else 'FAIL'}")
-    if packed1 and packed2:
-        x = packed2["trials_per_hour"] / packed1["trials_per_hour"]
-        ratios.append(f"- 2 GPUs vs 1 (packed): **{x:.2f}x** trials/hour (target >= 1.9): {'PASS' if x >= 1.9 else 'FAIL'}")
+    per_gpu = find("per-gpu", 1)
+    for mode in ("packed", "packed-mps"):
+        one, two = find(mode, 1), find(mode, 2)
+        if per_gpu and one:
+            x = one["trials_per_hour"] / per_gpu["trials_per_hour"]
+            ratios.append(f"- {mode} vs one trial per GPU (1 GPU): **{x:.2f}x** trials/hour (target >= 6): "
+                          f"{'PASS' if x >= 6 else 'FAIL'}")
+        if one and two:
+            x = two["trials_per_hour"] / one["trials_per_hour"]
+            ratios.append(f"- 2 GPUs vs 1 ({mode}): **{x:.2f}x** trials/hour (target >= 1.9): "
+                          f"{'PASS' if x >= 1.9 else 'FAIL'}")
     warm = [r["first_step_s_warm"] for r in rows if r["warm_trials"]]
     if warm:
         ratios.append(f"- trial start -> end of first optimizer step on a warm worker: median {min(warm):.1f}-"
@@ -140,9 +185,104 @@ def section(rows: list[dict], command: str) -> str:
     return "\n".join([*lines, "", *ratios, ""])
 
 
+# --- scaling: N processes training at once on one GPU, no Ray, no evaluation ---------------------------------
+def local_trial_config(method: str, adapter: str, precision: str):
+    """The local GPU profile's multi-seed trial of that method, adapter and precision (first seed)."""
+    from sweeps import multi_seed, profiles
+    from sweeps.spec import Spec, expand
+
+    profile = profiles.get("local")
+    trials = expand(Spec.load(multi_seed.spec(profile)), profile.overrides, cuda=profile.cuda,
+                    step_scale=profile.step_scale)
+    for t in trials:
+        if (t.config.method, t.config.adapter, t.config.precision) == (method, adapter, precision):
+            return t.config
+    raise SystemExit(f"--case {method}-{adapter}-{precision}: not a trial of the local profile's study")
+
+
+def scaling_worker(case: str, steps: int, rank: int, barrier: Path) -> None:
+    """One process of a scaling row: build the trainer, wait at the barrier, train, print per-step end times."""
+    import torch
+    from transformers import TrainerCallback
+
+    from trainables import trial
+
+    torch.set_num_threads(1)  # as a packed trial (1 Ray CPU each)
+    cfg = local_trial_config(*case.split("-"))
+    cfg = cfg.model_copy(update={"max_steps": steps, "seed": cfg.seed + rank})
+    ends = []
+
+    class StepEnds(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as workdir:
+        trainer, _, _ = trial.prepare(cfg, workdir, [StepEnds()])
+        (barrier / f"ready-{rank}").touch()
+        while not (barrier / "go").exists():
+            time.sleep(0.01)
+        start = time.perf_counter()
+        trainer.train()
+    print("RESULT " + json.dumps({"rank": rank, "start": start, "ends": ends}), flush=True)
+
+
+def run_scaling(n: int, mps: bool, case: str, steps: int, warmup: int) -> dict:
+    """n processes train `case` at once on GPU 0; each one's median seconds per optimizer step after `warmup`."""
+    import torch
+
+    with mps_daemon(mps), tempfile.TemporaryDirectory() as tmp:
+        barrier = Path(tmp)
+        procs = [subprocess.Popen([sys.executable, __file__, "--scaling-worker", str(rank), "--barrier", tmp,
+                                   "--case", case, "--steps", str(steps)], stdout=subprocess.PIPE, text=True)
+                 for rank in range(n)]
+        deadline = time.time() + 600
+        while len(list(barrier.glob("ready-*"))) < n:
+            if any(p.poll() not in (None, 0) for p in procs) or time.time() > deadline:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"scaling n={n}: a worker failed or timed out before training")
+            time.sleep(0.1)
+        (barrier / "go").touch()
+        outs = [p.communicate()[0] for p in procs]
+    runs = [json.loads(line[7:]) for out in outs for line in out.splitlines() if line.startswith("RESULT ")]
+    if len(runs) != n:
+        raise RuntimeError(f"scaling n={n}: {len(runs)} of {n} workers finished")
+    step_s = [statistics.median(b - a for a, b in zip(r["ends"][warmup:], r["ends"][warmup + 1:])) for r in runs]
+    wall = max(r["ends"][-1] for r in runs) - min(r["start"] for r in runs)
+    return {"n": n, "mps": mps, "case": case, "steps": steps, "step_s_median": statistics.median(step_s),
+            "step_s_max": max(step_s), "steps_per_s": sum(1 / s for s in step_s), "train_wall_s": wall,
+            "date": str(datetime.date.today()), "machine": f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
+                       f"{os.cpu_count()} CPUs"}
+
+
+def scaling_section(rows: list[dict], command: str) -> str:
+    lines = [f"\n## Packing without Ray: N processes training at once on one GPU — bench/packing.py — "
+             f"{datetime.date.today()}",
+             f"`{command}`: each process trains the local GPU profile's trial (one CPU thread, as a packed trial); "
+             "steps/s is the sum over processes of 1 / (median seconds per optimizer step); speed-up is against "
+             "one process alone, with and without MPS as run.", "",
+             "| case | processes | MPS | s/step median (slowest process) | aggregate steps/s | speed-up vs 1 | "
+             "train wall s | machine |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        one = next((o for o in rows if o["n"] == 1 and o["case"] == r["case"] and o["mps"] == r["mps"]), None) \
+            or next((o for o in rows if o["n"] == 1 and o["case"] == r["case"]), None)
+        speed = f"{r['steps_per_s'] / one['steps_per_s']:.2f}x" if one else "n/a"
+        lines.append(f"| {r['case']} | {r['n']} | {'yes' if r['mps'] else 'no'} | {r['step_s_median']:.3f} "
+                     f"({r['step_s_max']:.3f}) | {r['steps_per_s']:.1f} | {speed} | {r['train_wall_s']:.1f} | "
+                     f"{r['machine']} |")
+    return "\n".join([*lines, ""])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", nargs="+", choices=["per-gpu", "packed"], default=["per-gpu", "packed"])
+    ap.add_argument("--mode", nargs="+", choices=["per-gpu", "packed", "packed-mps"], default=["per-gpu", "packed"])
+    ap.add_argument("--scaling", type=int, nargs="+", metavar="N",
+                    help="instead of sweeps: N processes training at once (no Ray), for each N given")
+    ap.add_argument("--mps", choices=["off", "on", "both"], default="both", help="--scaling: with MPS, without, both")
+    ap.add_argument("--case", default="sft-lora-bf16", help="--scaling: METHOD-ADAPTER-PRECISION of the local study")
+    ap.add_argument("--steps", type=int, default=40, help="--scaling: optimizer steps per process (first 5 untimed)")
+    ap.add_argument("--scaling-worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to run each mode on")
     ap.add_argument("--seeds", type=int, default=1, help="seeds (x GPUs) for per-gpu mode: 12 trials per seed")
     ap.add_argument("--packed-seeds", type=int, default=3, help="seeds (x GPUs) for packed mode")
@@ -151,8 +291,21 @@ def main():
     ap.add_argument("--results", default="runs/bench_packing.jsonl", help="JSON lines: rows accumulate across calls")
     ap.add_argument("--bench-file", default="BENCHMARKS.md")
     a = ap.parse_args()
+    if a.scaling_worker is not None:
+        return scaling_worker(a.case, a.steps, a.scaling_worker, Path(a.barrier))
     results = Path(a.results)
     results.parent.mkdir(parents=True, exist_ok=True)
+    if a.scaling:
+        rows = []
+        for mps in {"off": [False], "on": [True], "both": [False, True]}[a.mps]:
+            for n in a.scaling:
+                rows.append(run_scaling(n, mps, a.case, a.steps, warmup=5))
+                print(json.dumps(rows[-1]), flush=True)
+        text = scaling_section(rows, "python bench/packing.py " + " ".join(sys.argv[1:]))
+        print(text)
+        with open(a.bench_file, "a") as fh:
+            fh.write(text)
+        return
     for gpus in a.gpus:
         for mode in a.mode:
             n = (a.seeds if mode == "per-gpu" else a.packed_seeds) * gpus

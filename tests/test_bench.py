@@ -101,6 +101,32 @@ def test_packing_section_compares_rows_of_one_results_file():
     assert "median 2.5-6.0 s across rows (target <= 5 s): FAIL" in text
 
 
+def test_packing_section_rates_packed_and_packed_mps_each_against_per_gpu():
+    import packing
+
+    row = dict(mode="per-gpu", gpus=1, cpus=16, trials=12, finished=12, wall_s=540.0, trials_per_hour=80.0,
+               trial_s_median=45.0, phase_s_median={}, first_step_s_cold=9.0, first_step_s_warm=2.5,
+               warm_trials=0, gpu_shares=["1"], gpu_mem_peak_mib=3000.0, gpu_util_mean=20.0, machine="H100")
+    text = packing.section([row, dict(row, mode="packed-mps", trials_per_hour=400.0),
+                            dict(row, mode="packed", trials_per_hour=160.0)], "cmd")
+    assert "- packed-mps vs one trial per GPU (1 GPU): **5.00x** trials/hour (target >= 6): FAIL" in text
+    assert "- packed vs one trial per GPU (1 GPU): **2.00x** trials/hour (target >= 6): FAIL" in text
+
+
+def test_packing_scaling_trains_in_worker_processes_and_rates_against_one():
+    """--scaling end to end on the CPU (one process, MPS off: the GPU parts need a GPU); the section's speed-up
+    is each row's aggregate steps/s over the one-process row of the same MPS setting."""
+    import packing
+
+    row = packing.run_scaling(1, False, "sft-lora-fp32", steps=7, warmup=5)
+    assert row["n"] == 1 and row["step_s_median"] > 0 and row["steps_per_s"] == 1 / row["step_s_median"]
+    text = packing.scaling_section([dict(row, steps_per_s=2.0), dict(row, n=4, steps_per_s=5.0),
+                                    dict(row, n=1, mps=True, steps_per_s=1.0),
+                                    dict(row, n=4, mps=True, steps_per_s=6.0)], "cmd")
+    assert "| sft-lora-fp32 | 4 | no |" in text and "| 2.50x |" in text
+    assert "| sft-lora-fp32 | 4 | yes |" in text and "| 6.00x |" in text
+
+
 def _side(mean, median, blocks, peak=1.0):
     return {"mean": mean, "median": median, "n": len(blocks), "peak": peak, "error": None, "blocks": blocks}
 
