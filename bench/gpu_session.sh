@@ -38,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 step scaling     480 python bench/packing.py --scaling 1 4 16 --mps both --steps 20 --bench-file "$ADD"
 # Then the sweep: per-GPU baseline (12 trials, ~9 min), packed under MPS and packed time-sliced (36 trials each:
 # ~5 min at the 6x target, ~13 at the 2x the 4-trial run of 2026-11-23 gave). Each mode's row is kept as it ends.
-step packing    1500 python bench/packing.py --mode per-gpu packed-mps packed --seeds 1 --packed-seeds 3 \
+step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed-mps packed} --seeds 1 --packed-seeds 3 \
                      --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # The 8B rows that failed <= 1.02 on 2026-11-23, again, each with its A/A control (the noise floor).
 step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control \
