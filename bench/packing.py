@@ -79,7 +79,11 @@ def mps_daemon(enabled: bool = True):
     try:
         yield
     finally:
-        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, timeout=60, check=False)
+        # The daemon quits once its last client exits; this process is one too if it touched CUDA (sizing the
+        # packing does), so don't wait for it: a blocking quit here never returned (2026-11-23).
+        quit_ = subprocess.Popen(["nvidia-cuda-mps-control"], stdin=subprocess.PIPE, text=True)
+        quit_.stdin.write("quit\n")
+        quit_.stdin.close()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -129,8 +133,10 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
     runs = [r for r in client.search_runs([result.experiment_id], max_results=5000)
             if r.data.tags.get(tracking.ROLE) == "trial"]
     done = [r for r in runs if r.info.status == "FINISHED"]
-    first_step = lambda warm: [r.data.metrics.get("time/to_first_step_s", float("nan")) for r in done  # noqa: E731
-                               if r.data.tags.get("warm_worker") == warm]
+    def warm_or_cold(metric, warm):
+        return [r.data.metrics.get(metric, float("nan")) for r in done if r.data.tags.get("warm_worker") == warm]
+
+    first_step = lambda warm: warm_or_cold("time/to_first_step_s", warm)  # noqa: E731
     return {
         "mode": mode, "gpus": gpus, "cpus": cpus_per_gpu * gpus, "trials": len(runs), "finished": len(done),
         "wall_s": wall, "trials_per_hour": 3600 * len(done) / wall,
@@ -140,6 +146,9 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
                            for p in ("setup", "train", "eval")},
         "first_step_s_cold": _median(first_step("false")), "first_step_s_warm": _median(first_step("true")),
         "warm_trials": len(first_step("true")),
+        # where a warm trial's first-step time goes: reaching the training loop, then the step itself
+        "warm_to_loop_s": _median(warm_or_cold("time/to_train_loop_s", "true")),
+        "warm_step1_s": _median(warm_or_cold("time/first_step_s", "true")),
         "peak_gib_trial_max": max((r.data.metrics.get("sys/peak_gpu_mem_gib", 0) for r in done), default=float("nan")),
         "gpu_mem_peak_mib": max((s[0] for s in samples), default=float("nan")),
         "gpu_util_mean": statistics.mean(s[1] for s in samples) if samples else float("nan"),
@@ -150,6 +159,7 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
 
 
 def section(rows: list[dict], command: str) -> str:
+    nan = float("nan")  # rows written before a column existed
     def find(mode, gpus):
         return next((r for r in reversed(rows) if r["mode"] == mode and r["gpus"] == gpus), None)
 
@@ -157,14 +167,15 @@ def section(rows: list[dict], command: str) -> str:
              f"`{command}`: the multi-seed study, profile local on a GPU (SmolLM2, bf16 + nf4); each row is its own "
              "sweep in a fresh local Ray with the CPUs and GPUs shown.", "",
              "| mode | GPUs | CPUs | trials (finished) | wall s | trials/h | trial s (median) | setup / train / eval s "
-             "(medians) | first step s cold / warm (n warm) | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(medians) | first step s cold / warm (n warm) | warm: to loop / step 1 s | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['gpus']} | {r['cpus']} | {r['trials']} ({r['finished']}) | {r['wall_s']:.0f} | "
                      f"{r['trials_per_hour']:.0f} | {r['trial_s_median']:.1f} | "
                      f"{' / '.join(f'{v:.1f}' for v in r.get('phase_s_median', {}).values()) or 'n/a'} | "
                      f"{r['first_step_s_cold']:.1f} / "
-                     f"{r['first_step_s_warm']:.1f} ({r['warm_trials']}) | {', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "
+                     f"{r['first_step_s_warm']:.1f} ({r['warm_trials']}) | {r.get('warm_to_loop_s', nan):.1f} / "
+                     f"{r.get('warm_step1_s', nan):.1f} | {', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "
                      f"{r['gpu_util_mean']:.0f} | {r['machine']} |")
     ratios = []
     per_gpu = find("per-gpu", 1)

@@ -40,6 +40,9 @@ def test_trial_trains_evaluates_and_logs(method, runs, tiny_model):
     assert reports and reports[-1]["done"]
     # per-trial overhead: trial start -> end of the first optimizer step, after setup, within the trial
     assert metrics["time/setup_s"] < metrics["time/to_first_step_s"] < metrics["eval/trial_seconds"]
+    # ... split into reaching the training loop (after setup) and the first step itself
+    assert metrics["time/setup_s"] < metrics["time/to_train_loop_s"] < metrics["time/to_first_step_s"]
+    assert 0 < metrics["time/first_step_s"] <= metrics["time/to_first_step_s"] - metrics["time/to_train_loop_s"]
     assert data.metrics["sys/oom_retries"] == 0 and tags["exec_micro_batch"] == "2"
 
     art = _artifact_dir(client, run.info.run_id)

@@ -43,15 +43,25 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
 
 
 def _first_step_timer(started: float):
-    """Seconds from `started` (trial start) to the end of the first optimizer step: the per-trial overhead."""
+    """Seconds from `started` (trial start) to the end of the first optimizer step (the per-trial overhead), split
+    into trial start -> training loop entered, and the first step itself (first-use costs on a GPU show there)."""
     from transformers import TrainerCallback
 
     class FirstStep(TrainerCallback):
-        seconds = float("nan")
+        seconds = loop_seconds = step_seconds = float("nan")
+        _step_begin = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.loop_seconds = time.perf_counter() - started
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self._step_begin is None:
+                self._step_begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 1:
-                self.seconds = time.perf_counter() - started
+                now = time.perf_counter()
+                self.seconds, self.step_seconds = now - started, now - self._step_begin
 
     return FirstStep()
 
@@ -59,8 +69,9 @@ def _first_step_timer(started: float):
 def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=None, started: float | None = None):
     """Train one config and evaluate it; returns (model, tokenizer, items, metrics, global_step).
 
-    metrics include time/* seconds per phase (setup, train, eval) and time/to_first_step_s from `started`
-    (default: now), so per-trial overhead is measured."""
+    metrics include time/* seconds per phase (setup, train, eval) and, from `started` (default: now), to the
+    training loop (time/to_train_loop_s) and to the end of the first optimizer step (time/to_first_step_s, of
+    which time/first_step_s is the step itself), so per-trial overhead is measured."""
     clock = time.perf_counter()
     first_step = _first_step_timer(started if started is not None else clock)
     trainer, tokenizer, held_out = prepare(cfg, workdir, [*callbacks, first_step])
@@ -73,7 +84,8 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
     except torch.OutOfMemoryError as err:
         raise TrainingOOM(f"micro_batch={cfg.micro_batch}: {err}") from None
     phases["time/train_s"] = time.perf_counter() - clock
-    phases["time/to_first_step_s"] = first_step.seconds
+    phases.update({"time/to_first_step_s": first_step.seconds, "time/to_train_loop_s": first_step.loop_seconds,
+                   "time/first_step_s": first_step.step_seconds})
     clock = time.perf_counter()
     items, metrics = evaluate.evaluate(trainer.model, tokenizer, held_out, cfg)
     phases["time/eval_s"] = time.perf_counter() - clock
