@@ -32,28 +32,29 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 
 # Order for a 30-device-minute session (staging + install take ~3): issue 6's unmeasured rows first. Measured
 # already (BENCHMARKS.md, 2026-11-23): GRIT all four cases (issue 3, closed), tvt on 8B (all six cases) and
-# SmolLM2, the planner. The list is about three sessions long: later ones run with SKIP= naming what finished.
-# Packing, first without Ray: 1, 4 and 16 processes training one SmolLM2 trial's config at once, time-sliced and
-# under MPS (~6 min), which says whether the GPU's time-slicing between processes is what packing loses.
-step scaling     480 python bench/packing.py --scaling 1 4 16 --mps both --steps 20 --bench-file "$ADD"
-# Then the sweep: per-GPU baseline (12 trials, ~9 min), packed under MPS and packed time-sliced (36 trials each:
-# ~5 min at the 6x target, ~13 at the 2x the 4-trial run of 2026-11-23 gave). Each mode's row is kept as it ends.
-step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed-mps packed} --seeds 1 --packed-seeds 3 \
-                     --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
-# The 8B rows that failed <= 1.02 on 2026-11-23, again, each with its A/A control (the noise floor).
-step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control \
-                     --bench-file "$ADD"
-# The random 8B checkpoint the calibration trains on (kept from tvt-8b-nf4 if that ran on this VM).
+# SmolLM2, the planner, packing without Ray (--scaling) and the packed sweep rows (the per-GPU baseline only in
+# part). The list is about two sessions long: later ones run with SKIP= naming what finished.
+# The projected cost of the study (never measured): the random 8B checkpoint (kept from an earlier step on this
+# VM), one short calibration trial per method x adapter x precision (12 8B trials), then the projection.
 step ckpt-8b     300 python bench/trainable_vs_trl.py --checkpoint-only
-step cost-bf16   600 python bench/project_cost.py calibrate --precisions bf16 \
-                     --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
-step cost-nf4    600 python bench/project_cost.py calibrate --precisions nf4 \
-                     --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
+for precision in bf16 nf4; do
+step cost-$precision 600 python bench/project_cost.py calibrate --precisions $precision --steps 8 --n-eval 32 \
+                     --n-generate 8 --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
+done
 step cost-project 120 python bench/project_cost.py --bench-file "$ADD" project
+# Packing: the per-GPU baseline in full (12 trials, ~11 min) and packed (36 trials, ~4 min) on one VM, into one
+# results file. packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
+step packing    1200 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --seeds 1 --packed-seeds 3 \
+                     --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
+# The 8B rows not settled at <= 1.02, each with its A/A control (the noise floor).
+step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases sft-nf4 dpo-nf4 --steps 30 --block 1 --control \
+                     --bench-file "$ADD"
 # The SmolLM2 rows that failed <= 1.02 on 2026-11-23, again, with the A/A control.
 step tvt-smollm2 660 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 sft-nf4 dpo-nf4 cita-nf4 \
                      --steps 40 --block 1 --control --bench-file "$ADD"
 step pytest-gpu  300 python -m pytest -m gpu -q -p no:cacheprovider
+# Without Ray, 1/4/16 processes training at once, time-sliced and under MPS (~5 min): re-check on a new GPU kind.
+step scaling     480 python bench/packing.py --scaling 1 4 16 --mps both --steps 20 --bench-file "$ADD"
 # Issue 3 (closed): GRIT all four cases with an A/A control, ~13 min; a re-check after GRIT changes.
 step grit        900 python bench/grit_speed.py --steps 50 --block 1 --control --control-steps 30 --profile 2 \
                      --bench-file "$ADD"

@@ -8,10 +8,11 @@
     #    append the table to BENCHMARKS.md:
     python bench/project_cost.py project
 
-A trial's cost = setup + max_steps x (seconds per optimizer step) + held-out pairs x (seconds per pair scored)
-+ generations x (seconds per generation), each rate measured by the calibration trial of the same method,
-adapter and precision (MLflow metrics time/setup_s, time/train_s, time/eval_logps_s, time/eval_generate_s).
-Step rates come from short runs and include the first (slow) step, so they overestimate slightly. What the
+A trial's cost = setup + first step + (max_steps - 1) x (seconds per later optimizer step) + held-out pairs x
+(seconds per pair scored) + generations x (seconds per generation), each rate measured by the calibration trial
+of the same method, adapter and precision (MLflow metrics time/setup_s, time/first_step_s, time/train_s,
+time/eval_logps_s, time/eval_generate_s). The first step is apart because it carries first-use costs that a
+short calibration run would otherwise spread over every step. What the
 calibration trained on (model, data) is printed with the projection: with a random-weights checkpoint and the
 generated data, sequences are shorter than PKU-SafeRLHF's, so calibrate on the cluster with the real model
 and `--data pku_saferlhf` for the projection that counts.
@@ -95,7 +96,11 @@ def rates(tracking_uri: str | None) -> dict[tuple, dict]:
 
         last = runs[0].data  # newest run: what was calibrated
         out[kind] = {
-            "step_s": median(lambda m, p: m["time/train_s"] / int(p["max_steps"])),
+            # the first step (first-use costs) apart: calibration runs are short, a study's trials are not
+            "step_s": median(lambda m, p: (m["time/train_s"] - m["time/first_step_s"]) / (int(p["max_steps"]) - 1)
+                             if "time/first_step_s" in m and int(p["max_steps"]) > 1
+                             else m["time/train_s"] / int(p["max_steps"])),
+            "first_step_s": median(lambda m, p: m.get("time/first_step_s", m["time/train_s"] / int(p["max_steps"]))),
             "pair_s": median(lambda m, p: m["time/eval_logps_s"] / max(m["eval/n_items"], 1)),
             "generation_s": median(lambda m, p: m["time/eval_generate_s"] / m["eval/n_generated"]
                                    if m["eval/n_generated"] else 0.0),
@@ -106,7 +111,7 @@ def rates(tracking_uri: str | None) -> dict[tuple, dict]:
 
 
 def trial_seconds(cfg, rate: dict) -> float:
-    return (rate["setup_s"] + cfg.max_steps * rate["step_s"] + cfg.n_eval * rate["pair_s"]
+    return (rate["setup_s"] + rate["first_step_s"] + (cfg.max_steps - 1) * rate["step_s"] + cfg.n_eval * rate["pair_s"]
             + min(cfg.eval.n_generate, cfg.n_eval) * rate["generation_s"])
 
 
@@ -129,7 +134,7 @@ def project(tracking_uri: str | None, bench_file: str, profile_name: str = "lamb
              f"Calibration: MLflow experiment `{EXPERIMENT}` on {any_rate['device']}, model `{any_rate['model']}`, "
              f"data `{any_rate['data']}`; "
              f"profile {profile.name} settings ({profile.gpus_per_trial} GPU per trial, planned micro-batch: "
-             f"{profile.plan_micro_batch}). Per trial: setup + steps x s/step + pairs x s/pair + generations x s/generation.",
+             f"{profile.plan_micro_batch}). Per trial: setup + first step + later steps x s/step + pairs x s/pair + generations x s/generation.",
              "", "| study | method | adapter | precision | steps | trials | s/step | micro-batch | GPU-h |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (study, method, adapter, precision, steps), (n, seconds) in sorted(rows.items()):

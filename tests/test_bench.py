@@ -75,7 +75,7 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
                            n_generate=1, tracking_uri=runs, profile_name="local")
     measured = project_cost.rates(runs)
     assert set(measured) == kinds
-    assert all(r["step_s"] > 0 and r["setup_s"] > 0 for r in measured.values())
+    assert all(r["step_s"] > 0 and r["setup_s"] > 0 and r["first_step_s"] > 0 for r in measured.values())
     text = project_cost.project(runs, str(tmp_path / "bench.md"), "local")
     rows = [r.split(" | ") for r in text.splitlines() if r.startswith("| ") and r[2:4] not in ("st", "--")]
     assert sum(int(r[5]) for r in rows) == len(trials)
@@ -83,6 +83,18 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
     with pytest.raises(SystemExit, match="--precisions int8: the local profile's study trains at .* only"):
         project_cost.calibrate("tiny-random", ["int8", *sorted({k[2] for k in kinds})], 2, "generated", 4, 1, runs,
                                "local")
+
+
+def test_project_cost_prices_the_first_step_apart_from_the_later_ones():
+    from types import SimpleNamespace
+
+    import project_cost
+
+    cfg = SimpleNamespace(max_steps=10, n_eval=20, eval=SimpleNamespace(n_generate=4))
+    rate = {"setup_s": 1.0, "first_step_s": 5.0, "step_s": 0.5, "pair_s": 0.1, "generation_s": 2.0}
+    assert project_cost.trial_seconds(cfg, rate) == pytest.approx(1 + 5 + 9 * 0.5 + 20 * 0.1 + 4 * 2)
+    cfg.eval.n_generate = 50  # generations come from held-out items: at most n_eval of them
+    assert project_cost.trial_seconds(cfg, rate) == pytest.approx(1 + 5 + 9 * 0.5 + 20 * 0.1 + 20 * 2)
 
 
 def test_packing_section_compares_rows_of_one_results_file():
