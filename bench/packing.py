@@ -149,6 +149,11 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
         # where a warm trial's first-step time goes: reaching the training loop, then the step itself
         "warm_to_loop_s": _median(warm_or_cold("time/to_train_loop_s", "true")),
         "warm_step1_s": _median(warm_or_cold("time/first_step_s", "true")),
+        # warm workers, split by whether the process already ran this method at this precision (first-use costs)
+        "warm_first_step_s_by_kind": {
+            seen: _median([r.data.metrics.get("time/to_first_step_s", float("nan")) for r in done
+                           if r.data.tags.get("warm_worker") == "true" and r.data.tags.get("warm_kind") == seen])
+            for seen in ("true", "false")},
         "peak_gib_trial_max": max((r.data.metrics.get("sys/peak_gpu_mem_gib", 0) for r in done), default=float("nan")),
         "gpu_mem_peak_mib": max((s[0] for s in samples), default=float("nan")),
         "gpu_util_mean": statistics.mean(s[1] for s in samples) if samples else float("nan"),
@@ -167,15 +172,17 @@ def section(rows: list[dict], command: str) -> str:
              f"`{command}`: the multi-seed study, profile local on a GPU (SmolLM2, bf16 + nf4); each row is its own "
              "sweep in a fresh local Ray with the CPUs and GPUs shown.", "",
              "| mode | GPUs | CPUs | trials (finished) | wall s | trials/h | trial s (median) | setup / train / eval s "
-             "(medians) | first step s cold / warm (n warm) | warm: to loop / step 1 s | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(medians) | first step s cold / warm (n warm) | warm: to loop / step 1 s | warm, kind seen / new s | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['gpus']} | {r['cpus']} | {r['trials']} ({r['finished']}) | {r['wall_s']:.0f} | "
                      f"{r['trials_per_hour']:.0f} | {r['trial_s_median']:.1f} | "
                      f"{' / '.join(f'{v:.1f}' for v in r.get('phase_s_median', {}).values()) or 'n/a'} | "
                      f"{r['first_step_s_cold']:.1f} / "
                      f"{r['first_step_s_warm']:.1f} ({r['warm_trials']}) | {r.get('warm_to_loop_s', nan):.1f} / "
-                     f"{r.get('warm_step1_s', nan):.1f} | {', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "
+                     f"{r.get('warm_step1_s', nan):.1f} | "
+                     f"{' / '.join(f'{v:.1f}' for v in r.get('warm_first_step_s_by_kind', {}).values()) or 'n/a'} | "
+                     f"{', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "
                      f"{r['gpu_util_mean']:.0f} | {r['machine']} |")
     ratios = []
     per_gpu = find("per-gpu", 1)

@@ -55,8 +55,12 @@ def test_trial_trains_evaluates_and_logs(method, runs, tiny_model):
     assert any(p.endswith("adapter_config.json") for p in __import__("glob").glob(f"{art}/adapter/*"))
 
 
-def test_same_seed_same_losses(runs, tiny_model):
-    """Everything is seeded: two runs of one config give identical loss curves and generations."""
+def test_same_seed_same_losses(runs, tiny_model, monkeypatch):
+    """Everything is seeded: two runs of one config give identical loss curves and generations. The second, in
+    the same process, is tagged as a warm kind (its first-use costs were paid by the first)."""
+    from trainables import trial
+
+    monkeypatch.setattr(trial, "_kinds_in_this_process", set())
     client = tracking.client(runs)
     exp = tracking.ensure_experiment(client, "t")
     cfg = tiny_trial(method="dpo", seed=3)
@@ -67,6 +71,8 @@ def test_same_seed_same_losses(runs, tiny_model):
     lb = [m.value for m in client.get_metric_history(b.info.run_id, "train/loss")]
     results = lambda m: {k: v for k, v in m.items() if k.startswith("eval/") and k != "eval/trial_seconds"}
     assert la == lb and results(first) == results(second)
+    older, newer = sorted((a, b), key=lambda r: r.info.start_time)
+    assert (older.data.tags["warm_kind"], newer.data.tags["warm_kind"]) == ("false", "true")
 
 
 def test_failure_is_recorded_on_the_run(runs, tiny_model):
