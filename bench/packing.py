@@ -80,7 +80,8 @@ def mps_daemon(enabled: bool = True):
         yield
     finally:
         # The daemon quits once its last client exits; this process is one too if it touched CUDA (sizing the
-        # packing does), so don't wait for it: a blocking quit here never returned (2026-11-23).
+        # packing does), so don't wait for it (a blocking quit timed out after 60 s on 2026-11-23): it goes when
+        # this process does, so run packed-mps last. Its temporary directory stays (the pipes live there).
         quit_ = subprocess.Popen(["nvidia-cuda-mps-control"], stdin=subprocess.PIPE, text=True)
         quit_.stdin.write("quit\n")
         quit_.stdin.close()
@@ -146,8 +147,8 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
                            for p in ("setup", "train", "eval")},
         "first_step_s_cold": _median(first_step("false")), "first_step_s_warm": _median(first_step("true")),
         "warm_trials": len(first_step("true")),
-        # where a warm trial's first-step time goes: reaching the training loop, then the step itself
-        "warm_to_loop_s": _median(warm_or_cold("time/to_train_loop_s", "true")),
+        # where a warm trial's first-step time goes: everything before the first step, then the step itself
+        "warm_before_step1_s": _median(warm_or_cold("time/before_first_step_s", "true")),
         "warm_step1_s": _median(warm_or_cold("time/first_step_s", "true")),
         # warm workers, split by whether the process already ran this method at this precision (first-use costs)
         "warm_first_step_s_by_kind": {
@@ -172,14 +173,14 @@ def section(rows: list[dict], command: str) -> str:
              f"`{command}`: the multi-seed study, profile local on a GPU (SmolLM2, bf16 + nf4); each row is its own "
              "sweep in a fresh local Ray with the CPUs and GPUs shown.", "",
              "| mode | GPUs | CPUs | trials (finished) | wall s | trials/h | trial s (median) | setup / train / eval s "
-             "(medians) | first step s cold / warm (n warm) | warm: to loop / step 1 s | warm, kind seen / new s | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
+             "(medians) | first step s cold / warm (n warm) | warm: before / in step 1 s | warm, kind seen / new s | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['gpus']} | {r['cpus']} | {r['trials']} ({r['finished']}) | {r['wall_s']:.0f} | "
                      f"{r['trials_per_hour']:.0f} | {r['trial_s_median']:.1f} | "
                      f"{' / '.join(f'{v:.1f}' for v in r.get('phase_s_median', {}).values()) or 'n/a'} | "
                      f"{r['first_step_s_cold']:.1f} / "
-                     f"{r['first_step_s_warm']:.1f} ({r['warm_trials']}) | {r.get('warm_to_loop_s', nan):.1f} / "
+                     f"{r['first_step_s_warm']:.1f} ({r['warm_trials']}) | {r.get('warm_before_step1_s', nan):.1f} / "
                      f"{r.get('warm_step1_s', nan):.1f} | "
                      f"{' / '.join(f'{v:.1f}' for v in r.get('warm_first_step_s_by_kind', {}).values()) or 'n/a'} | "
                      f"{', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "
@@ -245,8 +246,12 @@ def scaling_worker(case: str, steps: int, rank: int, barrier: Path) -> None:
 
 
 def run_scaling(n: int, mps: bool, case: str, steps: int, warmup: int) -> dict:
-    """n processes train `case` at once on GPU 0; each one's median seconds per optimizer step after `warmup`."""
+    """n processes train `case` at once on GPU 0; each one's median seconds per optimizer step after `warmup`
+    steps (the first interval timed ends at step warmup + 2)."""
     import torch
+
+    if steps < warmup + 2:
+        raise SystemExit(f"--steps {steps}: at least {warmup + 2} (the first {warmup + 1} are not timed)")
 
     with mps_daemon(mps), tempfile.TemporaryDirectory() as tmp:
         barrier = Path(tmp)
@@ -261,7 +266,12 @@ def run_scaling(n: int, mps: bool, case: str, steps: int, warmup: int) -> dict:
                 raise RuntimeError(f"scaling n={n}: a worker failed or timed out before training")
             time.sleep(0.1)
         (barrier / "go").touch()
-        outs = [p.communicate()[0] for p in procs]
+        try:
+            outs = [p.communicate(timeout=max(1.0, deadline - time.time()))[0] for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise RuntimeError(f"scaling n={n}: workers still training after 600 s") from None
     runs = [json.loads(line[7:]) for out in outs for line in out.splitlines() if line.startswith("RESULT ")]
     if len(runs) != n:
         raise RuntimeError(f"scaling n={n}: {len(runs)} of {n} workers finished")
@@ -298,7 +308,7 @@ def main():
                     help="instead of sweeps: N processes training at once (no Ray), for each N given")
     ap.add_argument("--mps", choices=["off", "on", "both"], default="both", help="--scaling: with MPS, without, both")
     ap.add_argument("--case", default="sft-lora-bf16", help="--scaling: METHOD-ADAPTER-PRECISION of the local study")
-    ap.add_argument("--steps", type=int, default=40, help="--scaling: optimizer steps per process (first 5 untimed)")
+    ap.add_argument("--steps", type=int, default=40, help="--scaling: optimizer steps per process (first 6 untimed)")
     ap.add_argument("--scaling-worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to run each mode on")

@@ -8,11 +8,11 @@
     #    append the table to BENCHMARKS.md:
     python bench/project_cost.py project
 
-A trial's cost = setup + first step + (max_steps - 1) x (seconds per later optimizer step) + held-out pairs x
-(seconds per pair scored) + generations x (seconds per generation), each rate measured by the calibration trial
-of the same method, adapter and precision (MLflow metrics time/setup_s, time/first_step_s, time/train_s,
-time/eval_logps_s, time/eval_generate_s). The first step is apart because it carries first-use costs that a
-short calibration run would otherwise spread over every step. What the
+A trial's cost = setup + training's one-time part (entering the loop, the first step, the wrap-up) + (max_steps - 1)
+x (seconds per later optimizer step) + held-out pairs x (seconds per pair scored) + generations x (seconds per
+generation), each measured by the calibration trial of the same method, adapter and precision (MLflow metrics
+time/setup_s, time/train_s, time/later_steps_s, time/eval_logps_s, time/eval_generate_s). The one-time part is
+priced once because a short calibration run would otherwise spread it over every step. What the
 calibration trained on (model, data) is printed with the projection: with a random-weights checkpoint and the
 generated data, sequences are shorter than PKU-SafeRLHF's, so calibrate on the cluster with the real model
 and `--data pku_saferlhf` for the projection that counts.
@@ -96,11 +96,13 @@ def rates(tracking_uri: str | None) -> dict[tuple, dict]:
 
         last = runs[0].data  # newest run: what was calibrated
         out[kind] = {
-            # the first step (first-use costs) apart: calibration runs are short, a study's trials are not
-            "step_s": median(lambda m, p: (m["time/train_s"] - m["time/first_step_s"]) / (int(p["max_steps"]) - 1)
-                             if "time/first_step_s" in m and int(p["max_steps"]) > 1
+            # per later step, and what training costs once (entering the loop, the first step with its first-use
+            # costs, the wrap-up): calibration runs are short, a study's trials are not
+            "step_s": median(lambda m, p: m["time/later_steps_s"] / (int(p["max_steps"]) - 1)
+                             if "time/later_steps_s" in m and int(p["max_steps"]) > 1
                              else m["time/train_s"] / int(p["max_steps"])),
-            "first_step_s": median(lambda m, p: m.get("time/first_step_s", m["time/train_s"] / int(p["max_steps"]))),
+            "train_once_s": median(lambda m, p: m["time/train_s"] - m["time/later_steps_s"]
+                                   if "time/later_steps_s" in m and int(p["max_steps"]) > 1 else 0.0),
             "pair_s": median(lambda m, p: m["time/eval_logps_s"] / max(m["eval/n_items"], 1)),
             "generation_s": median(lambda m, p: m["time/eval_generate_s"] / m["eval/n_generated"]
                                    if m["eval/n_generated"] else 0.0),
@@ -111,7 +113,8 @@ def rates(tracking_uri: str | None) -> dict[tuple, dict]:
 
 
 def trial_seconds(cfg, rate: dict) -> float:
-    return (rate["setup_s"] + rate["first_step_s"] + (cfg.max_steps - 1) * rate["step_s"] + cfg.n_eval * rate["pair_s"]
+    later_steps = cfg.max_steps - 1 if rate["train_once_s"] else cfg.max_steps  # train_once_s holds the first
+    return (rate["setup_s"] + rate["train_once_s"] + later_steps * rate["step_s"] + cfg.n_eval * rate["pair_s"]
             + min(cfg.eval.n_generate, cfg.n_eval) * rate["generation_s"])
 
 
@@ -134,7 +137,7 @@ def project(tracking_uri: str | None, bench_file: str, profile_name: str = "lamb
              f"Calibration: MLflow experiment `{EXPERIMENT}` on {any_rate['device']}, model `{any_rate['model']}`, "
              f"data `{any_rate['data']}`; "
              f"profile {profile.name} settings ({profile.gpus_per_trial} GPU per trial, planned micro-batch: "
-             f"{profile.plan_micro_batch}). Per trial: setup + first step + later steps x s/step + pairs x s/pair + generations x s/generation.",
+             f"{profile.plan_micro_batch}). Per trial: setup + training's one-time part + later steps x s/step + pairs x s/pair + generations x s/generation.",
              "", "| study | method | adapter | precision | steps | trials | s/step | micro-batch | GPU-h |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (study, method, adapter, precision, steps), (n, seconds) in sorted(rows.items()):

@@ -75,7 +75,15 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
                            n_generate=1, tracking_uri=runs, profile_name="local")
     measured = project_cost.rates(runs)
     assert set(measured) == kinds
-    assert all(r["step_s"] > 0 and r["setup_s"] > 0 and r["first_step_s"] > 0 for r in measured.values())
+    assert all(r["step_s"] > 0 and r["setup_s"] > 0 and r["train_once_s"] > 0 for r in measured.values())
+    # one calibration run per kind: its one-time part plus its later steps are its whole training time
+    from trainables import tracking
+
+    for run in tracking.client(runs).search_runs([tracking.client(runs).get_experiment_by_name(
+            project_cost.EXPERIMENT).experiment_id]):
+        m, r = run.data.metrics, measured[tuple(run.data.tags[k] for k in ("method", "adapter", "precision"))]
+        assert r["train_once_s"] + r["step_s"] * (int(run.data.params["max_steps"]) - 1) == pytest.approx(
+            m["time/train_s"])
     text = project_cost.project(runs, str(tmp_path / "bench.md"), "local")
     rows = [r.split(" | ") for r in text.splitlines() if r.startswith("| ") and r[2:4] not in ("st", "--")]
     assert sum(int(r[5]) for r in rows) == len(trials)
@@ -85,16 +93,18 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
                                "local")
 
 
-def test_project_cost_prices_the_first_step_apart_from_the_later_ones():
+def test_project_cost_prices_training_once_costs_apart_from_the_later_steps():
     from types import SimpleNamespace
 
     import project_cost
 
     cfg = SimpleNamespace(max_steps=10, n_eval=20, eval=SimpleNamespace(n_generate=4))
-    rate = {"setup_s": 1.0, "first_step_s": 5.0, "step_s": 0.5, "pair_s": 0.1, "generation_s": 2.0}
+    rate = {"setup_s": 1.0, "train_once_s": 5.0, "step_s": 0.5, "pair_s": 0.1, "generation_s": 2.0}
     assert project_cost.trial_seconds(cfg, rate) == pytest.approx(1 + 5 + 9 * 0.5 + 20 * 0.1 + 4 * 2)
     cfg.eval.n_generate = 50  # generations come from held-out items: at most n_eval of them
     assert project_cost.trial_seconds(cfg, rate) == pytest.approx(1 + 5 + 9 * 0.5 + 20 * 0.1 + 20 * 2)
+    # a calibration without the step clock (older runs): every step at the average rate
+    assert project_cost.trial_seconds(cfg, dict(rate, train_once_s=0.0)) == pytest.approx(1 + 10 * 0.5 + 2 + 40)
 
 
 def test_packing_section_compares_rows_of_one_results_file():

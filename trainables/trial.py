@@ -19,9 +19,9 @@ from trainables.models import cache_root, load_tokenizer
 
 METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": cita.build_trainer}
 _trials_in_this_process = 0  # > 0: a reused (warm) Ray worker, with torch/TRL imported and caches filled
-# (method, precision) of the trials this process ran: a kind's first trial here pays its first-use costs (TRL's
-# Triton kernels, quantization kernels) in its first step even on a warm worker
-_kinds_in_this_process: set[tuple[str, str]] = set()
+# (method, adapter, precision) of the trials this process ran: a kind's first trial here pays its first-use costs
+# (TRL's Triton kernels, quantization kernels, GRIT's hooks) in its first step even on a warm worker
+_kinds_in_this_process: set[tuple[str, str, str]] = set()
 
 
 class TrainingOOM(RuntimeError):
@@ -45,39 +45,43 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
     return trainer, tokenizer, held_out
 
 
-def _first_step_timer(started: float):
-    """Seconds from `started` (trial start) to the end of the first optimizer step (the per-trial overhead), split
-    into trial start -> training loop entered, and the first step itself (first-use costs on a GPU show there)."""
+def _step_clock(started: float):
+    """Times the per-trial overhead and the steps, from `started` (trial start): to_first_step = before_first_step
+    (setup, entering the loop, the first batch) + first_step (the step itself: first-use costs on a GPU show
+    there); later_steps = end of step 1 -> end of the last step (what a longer run of this trial adds per step)."""
     from transformers import TrainerCallback
 
-    class FirstStep(TrainerCallback):
-        seconds = loop_seconds = step_seconds = float("nan")
-        _step_begin = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.loop_seconds = time.perf_counter() - started
+    class StepClock(TrainerCallback):
+        first_begin = first_end = last_end = None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if self._step_begin is None:
-                self._step_begin = time.perf_counter()
+            if self.first_begin is None:
+                self.first_begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            self.last_end = time.perf_counter()
             if state.global_step == 1:
-                now = time.perf_counter()
-                self.seconds, self.step_seconds = now - started, now - self._step_begin
+                self.first_end = self.last_end
 
-    return FirstStep()
+        def metrics(self) -> dict[str, float]:
+            if self.first_end is None:  # no step finished
+                return {}
+            return {"time/to_first_step_s": self.first_end - started,
+                    "time/before_first_step_s": self.first_begin - started,
+                    "time/first_step_s": self.first_end - self.first_begin,
+                    "time/later_steps_s": self.last_end - self.first_end}
+
+    return StepClock()
 
 
 def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=None, started: float | None = None):
     """Train one config and evaluate it; returns (model, tokenizer, items, metrics, global_step).
 
-    metrics include time/* seconds per phase (setup, train, eval) and, from `started` (default: now), to the
-    training loop (time/to_train_loop_s) and to the end of the first optimizer step (time/to_first_step_s, of
-    which time/first_step_s is the step itself), so per-trial overhead is measured."""
+    metrics include time/* seconds per phase (setup, train, eval) and the step clock's (see `_step_clock`), so
+    per-trial overhead is measured."""
     clock = time.perf_counter()
-    first_step = _first_step_timer(started if started is not None else clock)
-    trainer, tokenizer, held_out = prepare(cfg, workdir, [*callbacks, first_step])
+    steps = _step_clock(started if started is not None else clock)
+    trainer, tokenizer, held_out = prepare(cfg, workdir, [*callbacks, steps])
     if on_trainer is not None:
         on_trainer(trainer)
     phases = {"time/setup_s": time.perf_counter() - clock}
@@ -87,8 +91,7 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
     except torch.OutOfMemoryError as err:
         raise TrainingOOM(f"micro_batch={cfg.micro_batch}: {err}") from None
     phases["time/train_s"] = time.perf_counter() - clock
-    phases.update({"time/to_first_step_s": first_step.seconds, "time/to_train_loop_s": first_step.loop_seconds,
-                   "time/first_step_s": first_step.step_seconds})
+    phases.update(steps.metrics())
     clock = time.perf_counter()
     items, metrics = evaluate.evaluate(trainer.model, tokenizer, held_out, cfg)
     phases["time/eval_s"] = time.perf_counter() - clock
@@ -122,7 +125,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     cfg = TrialConfig(**config)
     client = tracking.client(tracking_uri)
     global _trials_in_this_process
-    kind = (cfg.method, cfg.precision)
+    kind = (cfg.method, cfg.adapter, cfg.precision)
     run_id = tracking.start_trial_run(client, experiment_id, parent_run_id, cfg, label, variant, execution={
         "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(_trials_in_this_process > 0).lower(),
         "warm_kind": str(kind in _kinds_in_this_process).lower(),
