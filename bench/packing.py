@@ -36,6 +36,7 @@ import threading
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,10 +75,9 @@ def mps_daemon(enabled: bool = True):
         subprocess.run(["nvidia-cuda-mps-control", "-d"], env={**os.environ, **env}, check=True, timeout=30)
     except FileNotFoundError:
         raise SystemExit("MPS: nvidia-cuda-mps-control not found (it comes with the NVIDIA driver's utilities)") from None
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield
+        with mock.patch.dict(os.environ, env):
+            yield
     finally:
         # The daemon quits once its last client exits; this process is one too if it touched CUDA (sizing the
         # packing does), so don't wait for it (a blocking quit timed out after 60 s on 2026-11-23): it goes when
@@ -85,11 +85,6 @@ def mps_daemon(enabled: bool = True):
         quit_ = subprocess.Popen(["nvidia-cuda-mps-control"], stdin=subprocess.PIPE, text=True)
         quit_.stdin.write("quit\n")
         quit_.stdin.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrides: list[str]) -> dict:
@@ -134,27 +129,26 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
     runs = [r for r in client.search_runs([result.experiment_id], max_results=5000)
             if r.data.tags.get(tracking.ROLE) == "trial"]
     done = [r for r in runs if r.info.status == "FINISHED"]
-    def warm_or_cold(metric, warm):
-        return [r.data.metrics.get(metric, float("nan")) for r in done if r.data.tags.get("warm_worker") == warm]
 
-    first_step = lambda warm: warm_or_cold("time/to_first_step_s", warm)  # noqa: E731
+    def values(metric, **tags):  # the finished trials' values of a metric, of those with these tag values
+        return [r.data.metrics.get(metric, float("nan")) for r in done
+                if all(r.data.tags.get(k) == v for k, v in tags.items())]
+
     return {
         "mode": mode, "gpus": gpus, "cpus": cpus_per_gpu * gpus, "trials": len(runs), "finished": len(done),
         "wall_s": wall, "trials_per_hour": 3600 * len(done) / wall,
-        "trial_s_median": _median([r.data.metrics.get("eval/trial_seconds", float("nan")) for r in done]),
+        "trial_s_median": _median(values("eval/trial_seconds")),
         # where a packed trial's extra time goes: per-phase medians (trainables.trial's time/* metrics)
-        "phase_s_median": {p: _median([r.data.metrics.get(f"time/{p}_s", float("nan")) for r in done])
-                           for p in ("setup", "train", "eval")},
-        "first_step_s_cold": _median(first_step("false")), "first_step_s_warm": _median(first_step("true")),
-        "warm_trials": len(first_step("true")),
+        "phase_s_median": {p: _median(values(f"time/{p}_s")) for p in ("setup", "train", "eval")},
+        "first_step_s_cold": _median(values("time/to_first_step_s", warm_worker="false")),
+        "first_step_s_warm": _median(values("time/to_first_step_s", warm_worker="true")),
+        "warm_trials": len(values("time/to_first_step_s", warm_worker="true")),
         # where a warm trial's first-step time goes: everything before the first step, then the step itself
-        "warm_before_step1_s": _median(warm_or_cold("time/before_first_step_s", "true")),
-        "warm_step1_s": _median(warm_or_cold("time/first_step_s", "true")),
-        # warm workers, split by whether the process already ran this method at this precision (first-use costs)
-        "warm_first_step_s_by_kind": {
-            seen: _median([r.data.metrics.get("time/to_first_step_s", float("nan")) for r in done
-                           if r.data.tags.get("warm_worker") == "true" and r.data.tags.get("warm_kind") == seen])
-            for seen in ("true", "false")},
+        "warm_before_step1_s": _median(values("time/before_first_step_s", warm_worker="true")),
+        "warm_step1_s": _median(values("time/first_step_s", warm_worker="true")),
+        # warm workers, split by whether the process already ran this kind of trial (first-use costs)
+        "warm_first_step_s_by_kind": {seen: _median(values("time/to_first_step_s", warm_worker="true", warm_kind=seen))
+                                      for seen in ("true", "false")},
         "peak_gib_trial_max": max((r.data.metrics.get("sys/peak_gpu_mem_gib", 0) for r in done), default=float("nan")),
         "gpu_mem_peak_mib": max((s[0] for s in samples), default=float("nan")),
         "gpu_util_mean": statistics.mean(s[1] for s in samples) if samples else float("nan"),
@@ -301,6 +295,17 @@ def scaling_section(rows: list[dict], command: str) -> str:
     return "\n".join([*lines, ""])
 
 
+def command_line() -> str:
+    return "python bench/packing.py " + " ".join(sys.argv[1:])
+
+
+def publish(text: str, bench_file: str) -> None:
+    """Print a section and append it to the benchmarks file."""
+    print(text)
+    with open(bench_file, "a") as fh:
+        fh.write(text)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", nargs="+", choices=["per-gpu", "packed", "packed-mps"], default=["per-gpu", "packed"])
@@ -329,11 +334,7 @@ def main():
             for n in a.scaling:
                 rows.append(run_scaling(n, mps, a.case, a.steps, warmup=5))
                 print(json.dumps(rows[-1]), flush=True)
-        text = scaling_section(rows, "python bench/packing.py " + " ".join(sys.argv[1:]))
-        print(text)
-        with open(a.bench_file, "a") as fh:
-            fh.write(text)
-        return
+        return publish(scaling_section(rows, command_line()), a.bench_file)
     for gpus in a.gpus:
         for mode in a.mode:
             n = (a.seeds if mode == "per-gpu" else a.packed_seeds) * gpus
@@ -342,10 +343,8 @@ def main():
             with results.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    text = section(rows, "python bench/packing.py " + " ".join(sys.argv[1:]))
-    print(text)
-    with open(a.bench_file, "a") as fh:
-        fh.write(text)
+    publish(section(rows, command_line()), a.bench_file)
+
 
 
 if __name__ == "__main__":

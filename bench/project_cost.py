@@ -96,13 +96,8 @@ def rates(tracking_uri: str | None) -> dict[tuple, dict]:
 
         last = runs[0].data  # newest run: what was calibrated
         out[kind] = {
-            # per later step, and what training costs once (entering the loop, the first step with its first-use
-            # costs, the wrap-up): calibration runs are short, a study's trials are not
-            "step_s": median(lambda m, p: m["time/later_steps_s"] / (int(p["max_steps"]) - 1)
-                             if "time/later_steps_s" in m and int(p["max_steps"]) > 1
-                             else m["time/train_s"] / int(p["max_steps"])),
-            "train_once_s": median(lambda m, p: m["time/train_s"] - m["time/later_steps_s"]
-                                   if "time/later_steps_s" in m and int(p["max_steps"]) > 1 else 0.0),
+            "train_once_s": median(lambda m, p: training_split(m, int(p["max_steps"]))[0]),
+            "step_s": median(lambda m, p: training_split(m, int(p["max_steps"]))[1]),
             "pair_s": median(lambda m, p: m["time/eval_logps_s"] / max(m["eval/n_items"], 1)),
             "generation_s": median(lambda m, p: m["time/eval_generate_s"] / m["eval/n_generated"]
                                    if m["eval/n_generated"] else 0.0),
@@ -112,9 +107,18 @@ def rates(tracking_uri: str | None) -> dict[tuple, dict]:
     return out
 
 
+def training_split(metrics: dict, max_steps: int) -> tuple[float, float]:
+    """A calibration run's training time as (what it costs once: entering the loop, the first step with its
+    first-use costs, the wrap-up; seconds per later step): calibration runs are short, a study's trials are not.
+    A run without the step clock's time/later_steps_s (older ones) counts every step at its average."""
+    train = metrics["time/train_s"]
+    if "time/later_steps_s" not in metrics or max_steps < 2:
+        return train / max_steps, train / max_steps
+    return train - metrics["time/later_steps_s"], metrics["time/later_steps_s"] / (max_steps - 1)
+
+
 def trial_seconds(cfg, rate: dict) -> float:
-    later_steps = cfg.max_steps - 1 if rate["train_once_s"] else cfg.max_steps  # train_once_s holds the first
-    return (rate["setup_s"] + rate["train_once_s"] + later_steps * rate["step_s"] + cfg.n_eval * rate["pair_s"]
+    return (rate["setup_s"] + rate["train_once_s"] + (cfg.max_steps - 1) * rate["step_s"] + cfg.n_eval * rate["pair_s"]
             + min(cfg.eval.n_generate, cfg.n_eval) * rate["generation_s"])
 
 

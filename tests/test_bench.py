@@ -104,7 +104,9 @@ def test_project_cost_prices_training_once_costs_apart_from_the_later_steps():
     cfg.eval.n_generate = 50  # generations come from held-out items: at most n_eval of them
     assert project_cost.trial_seconds(cfg, rate) == pytest.approx(1 + 5 + 9 * 0.5 + 20 * 0.1 + 20 * 2)
     # a calibration without the step clock (older runs): every step at the average rate
-    assert project_cost.trial_seconds(cfg, dict(rate, train_once_s=0.0)) == pytest.approx(1 + 10 * 0.5 + 2 + 40)
+    once, step = project_cost.training_split({"time/train_s": 5.0}, max_steps=10)
+    assert project_cost.trial_seconds(cfg, dict(rate, train_once_s=once, step_s=step)) == pytest.approx(
+        1 + 10 * 0.5 + 2 + 40)
 
 
 def test_packing_section_compares_rows_of_one_results_file():

@@ -18,9 +18,9 @@ from trainables.config import TrialConfig
 from trainables.models import cache_root, load_tokenizer
 
 METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": cita.build_trainer}
-_trials_in_this_process = 0  # > 0: a reused (warm) Ray worker, with torch/TRL imported and caches filled
-# (method, adapter, precision) of the trials this process ran: a kind's first trial here pays its first-use costs
-# (TRL's Triton kernels, quantization kernels, GRIT's hooks) in its first step even on a warm worker
+# (method, adapter, precision) of the trials this process ran. Any: a reused (warm) Ray worker, with torch/TRL
+# imported and caches filled. This one: its first-use costs (TRL's Triton kernels, quantization kernels, GRIT's
+# hooks) were paid too, which a kind's first trial here pays in its first step even on a warm worker.
 _kinds_in_this_process: set[tuple[str, str, str]] = set()
 
 
@@ -124,13 +124,11 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
         torch.cuda.reset_peak_memory_stats()
     cfg = TrialConfig(**config)
     client = tracking.client(tracking_uri)
-    global _trials_in_this_process
     kind = (cfg.method, cfg.adapter, cfg.precision)
     run_id = tracking.start_trial_run(client, experiment_id, parent_run_id, cfg, label, variant, execution={
-        "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(_trials_in_this_process > 0).lower(),
+        "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(bool(_kinds_in_this_process)).lower(),
         "warm_kind": str(kind in _kinds_in_this_process).lower(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
-    _trials_in_this_process += 1
     _kinds_in_this_process.add(kind)
     attempt, retries = cfg, 0
     try:
