@@ -209,3 +209,20 @@ def test_trainable_vs_trl_runs_end_to_end_with_the_aa_control(tmp_path):
     assert any(r.startswith("| dpo-fp32: A/A control | ") and "noise floor" in r for r in rows)
     assert not any(r.startswith("| cita-fp32: A/A") for r in rows)
     assert "- cita-fp32: A/A control: see dpo-fp32" in text and "- dpo-fp32: A/A bare-a/bare-b:" in text
+
+
+def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_model, capsys):
+    """bench/first_step.py: trials one after another in this process; the second of a kind is a warm kind, the
+    step clock adds up, and --profile prints the cProfile of a trial slower than the threshold."""
+    import first_step
+
+    rows = first_step.run(["sft-lora-fp32"], repeat=2, steps=2, n_eval=2, profile=True, profile_over=0.0,
+                          model="tiny-random")
+    assert [r["warm_kind"] for r in rows] == ["false", "true"]
+    for r in rows:
+        assert r["before_s"] + r["step1_s"] == pytest.approx(r["to_first_s"]) and r["later_step_s"] > 0
+    assert capsys.readouterr().out.count("run_trial") >= 2  # a profile per trial, each with the trial's frames
+    text = first_step.section(rows, "cmd", "CPU")
+    assert "| sft-lora-fp32 | 1 | true |" in text and "n=1;" in text
+    with pytest.raises(SystemExit, match="--kinds nope: allowed values: sft-lora-fp32"):
+        first_step.run(["nope"], 1, 2, 2, model="tiny-random")

@@ -99,8 +99,13 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
 
 
 def free_memory():
-    """Give a finished or failed attempt's memory back (a reused worker runs the next trial in this process)."""
+    """Give a finished or failed attempt's memory back (a reused worker runs the next trial in this process).
+
+    What survives the collection (imported modules, caches) lives as long as the process: frozen out of the
+    collector's view, so the full collection every trainer.train() starts with (accelerate's free_memory) scans
+    only the next trial's objects (0.5 s -> ? s per trial on a warm worker, bench/first_step.py)."""
     gc.collect()
+    gc.freeze()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -112,11 +117,13 @@ def halve_micro_batch(cfg: TrialConfig) -> TrialConfig:
 
 def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, parent_run_id: str | None = None,
               report: Callable[[dict], None] | None = None, threads: int | None = None,
-              variant: str = "", gpu_share: float = 1.0, plan_micro_batch: bool = False) -> dict[str, float]:
+              variant: str = "", gpu_share: float = 1.0, plan_micro_batch: bool = False,
+              callbacks=()) -> dict[str, float]:
     """Run one trial, filed as an MLflow child run. A failure is recorded on the run, then re-raised.
 
     gpu_share: the fraction of the GPU this trial was given (Ray's fractional GPU). plan_micro_batch: train at the
-    largest micro-batch the memory planner says fits that share, at the same effective batch."""
+    largest micro-batch the memory planner says fits that share, at the same effective batch. callbacks: more
+    transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -138,7 +145,8 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
             tracking.set_tags(client, run_id, {"exec_micro_batch": attempt.micro_batch,
                                                "exec_grad_accum": attempt.grad_accum})
             try:
-                metrics = _attempt(attempt, client, run_id, report, started, {"sys/oom_retries": retries})
+                metrics = _attempt(attempt, client, run_id, report, started, {"sys/oom_retries": retries},
+                                   callbacks)
                 break
             except TrainingOOM as err:
                 if attempt.micro_batch == 1:
@@ -173,7 +181,8 @@ def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> TrialCo
     return cfg.model_copy(update={"micro_batch": micro_batch, "grad_accum": grad_accum})
 
 
-def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extra: dict) -> dict[str, float]:
+def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extra: dict,
+             callbacks=()) -> dict[str, float]:
     """Train, evaluate and file one attempt of a trial; returns its metrics."""
     grit_controller = []
 
@@ -188,7 +197,7 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
     logger = tracking.step_logger(client, run_id, report, extra_metrics)
     with tempfile.TemporaryDirectory() as workdir:
         try:
-            model, _, items, metrics, step = train_and_evaluate(cfg, workdir, [logger], attach_adapter_extras,
+            model, _, items, metrics, step = train_and_evaluate(cfg, workdir, [logger, *callbacks], attach_adapter_extras,
                                                                 started)
         finally:
             logger.flush()  # the failed attempt's steps too

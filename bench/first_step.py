@@ -1,0 +1,156 @@
+"""Where a trial's start -> first optimizer step goes, on one warm worker: trials run one after another in this
+process (as a reused Ray worker runs them), each kind twice, profiled until its first step ends.
+
+    python bench/first_step.py                                   # local profile's kinds (SmolLM2 on a GPU)
+    python bench/first_step.py --kinds dpo-lora-bf16 cita-lora-bf16 --repeat 3
+    python bench/first_step.py --keep-allocator-cache            # experiment: no empty_cache between trials
+
+Each trial is a real `run_trial` (MLflow run in a temporary store, the local profile's config of the multi-seed
+study, a few steps, no generations). Per trial: the step clock (trainables.trial._step_clock: before the first
+step, the first step itself, to the end of it) and whether this process had run the kind before (warm_kind).
+With --profile, a cProfile of trial start -> end of the first step is printed for every trial whose first step
+took longer than --profile-over seconds: the functions by cumulative and by own time (on a GPU a Python call
+that waits for the device shows the wait as its own time). Appends a table to --bench-file.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import datetime
+import io
+import platform
+import pstats
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def kind_configs(steps: int, n_eval: int, model: str | None = None) -> dict[str, dict]:
+    """One config per method-adapter-precision of the multi-seed study under the local profile (what the
+    packing benchmark's trials train), shortened to `steps` steps, `n_eval` pairs and no generations; `model`
+    replaces the profile's."""
+    from sweeps import multi_seed, profiles
+    from sweeps.spec import Spec, expand
+
+    profile = profiles.get("local")
+    out = {}
+    for t in expand(Spec.load(multi_seed.spec(profile)), profile.overrides, cuda=profile.cuda,
+                    step_scale=profile.step_scale):
+        c = t.config
+        out.setdefault(f"{c.method}-{c.adapter}-{c.precision}", c.model_dump(mode="json") | {
+            "max_steps": steps, "n_eval": n_eval, "eval": c.eval.model_dump() | {"n_generate": 0}}
+            | ({"model": model} if model else {}))
+    return out
+
+
+def _profile_until_first_step(profiler: cProfile.Profile):
+    from transformers import TrainerCallback
+
+    class StopAtFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                profiler.disable()
+
+    return StopAtFirstStep()
+
+
+def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(sort).print_stats(lines)
+    text = out.getvalue()
+    return text[text.find("   ncalls"):]  # the table, without pstats' preamble
+
+
+def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = False, profile_over: float = 3.0,
+        keep_cache: bool = False, model: str | None = None) -> list[dict]:
+    import torch
+
+    from trainables import tracking
+    from trainables.trial import run_trial
+
+    configs = kind_configs(steps, n_eval, model)
+    unknown = sorted(set(kinds) - set(configs))
+    if unknown:
+        raise SystemExit(f"--kinds {' '.join(unknown)}: allowed values: {', '.join(configs)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as store, \
+            mock.patch.object(torch.cuda, "empty_cache", lambda: None) if keep_cache else contextlib.nullcontext():
+        uri = f"sqlite:///{store}/mlflow.db"
+        client = tracking.client(uri)
+        experiment = tracking.ensure_experiment(client, "first-step")
+        for kind in kinds:
+            for i in range(repeat):
+                profiler = cProfile.Profile()
+                profiler.enable()
+                try:
+                    m = run_trial(configs[kind], f"{kind}#{i}", uri, experiment,
+                                  callbacks=[_profile_until_first_step(profiler)])
+                finally:
+                    profiler.disable()
+                run = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)[0]
+                row = {"kind": kind, "i": i, "warm_kind": run.data.tags.get("warm_kind"),
+                       "setup_s": m["time/setup_s"], "before_s": m["time/before_first_step_s"],
+                       "step1_s": m["time/first_step_s"], "to_first_s": m["time/to_first_step_s"],
+                       "later_step_s": m["time/later_steps_s"] / max(steps - 1, 1)}
+                rows.append(row)
+                print(f"{kind} #{i} (warm_kind={row['warm_kind']}): setup {row['setup_s']:.2f} s, before step 1 "
+                      f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s, to end of step 1 "
+                      f"{row['to_first_s']:.2f} s; later steps {row['later_step_s']:.3f} s each", flush=True)
+                if profile and row["to_first_s"] > profile_over:
+                    print(_stats(profiler, "cumulative", 30), _stats(profiler, "tottime", 15), sep="\n", flush=True)
+    return rows
+
+
+def section(rows: list[dict], command: str, machine: str) -> str:
+    lines = [f"\n## Trial start -> first step on one warm worker — bench/first_step.py — {datetime.date.today()}",
+             f"`{command}` on {machine}: trials one after another in one process (a reused worker); "
+             "warm kind = this process ran the method-adapter-precision before.", "",
+             "| kind | # | warm kind | setup s | before step 1 s | step 1 s | to end of step 1 s | later step s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {r['i']} | {r['warm_kind']} | {r['setup_s']:.2f} | {r['before_s']:.2f} | "
+                     f"{r['step1_s']:.2f} | {r['to_first_s']:.2f} | {r['later_step_s']:.3f} |")
+    warm = [r["to_first_s"] for r in rows[1:]]  # every trial after the process's first runs on a warm worker
+    if warm:
+        seen = [r["to_first_s"] for r in rows[1:] if r["warm_kind"] == "true"]
+        lines += ["", f"- warm worker, trial start -> end of step 1: median {statistics.median(warm):.2f} s, max "
+                  f"{max(warm):.2f} s (n={len(warm)}; target <= 5 s: {'PASS' if max(warm) <= 5 else 'FAIL'}); "
+                  f"kind seen before: median {statistics.median(seen) if seen else float('nan'):.2f} s"]
+    return "\n".join([*lines, ""])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kinds", nargs="+", default=None, help="method-adapter-precision names (default: all the "
+                    "local profile's, e.g. sft-lora-bf16 dpo-grit-nf4)")
+    ap.add_argument("--repeat", type=int, default=2, help="trials of each kind, one after another")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--n-eval", type=int, default=8)
+    ap.add_argument("--model", default=None, help="model id or local checkpoint (default: the local profile's)")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the slow trials' start")
+    ap.add_argument("--profile-over", type=float, default=3.0, help="seconds to the first step above which a "
+                    "trial's profile is printed")
+    ap.add_argument("--keep-allocator-cache", action="store_true", help="experiment: torch.cuda.empty_cache "
+                    "does nothing, so a trial reuses the previous trial's cached GPU memory")
+    ap.add_argument("--bench-file", default=None, help="append the table here (e.g. BENCHMARKS.md)")
+    a = ap.parse_args()
+    import torch
+
+    kinds = a.kinds or list(kind_configs(a.steps, a.n_eval))
+    rows = run(kinds, a.repeat, a.steps, a.n_eval, a.profile, a.profile_over, a.keep_allocator_cache, a.model)
+    machine = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU") + f", {platform.node()}"
+    text = section(rows, "python bench/first_step.py " + " ".join(sys.argv[1:]), machine)
+    print(text)
+    if a.bench_file:
+        with open(a.bench_file, "a") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
