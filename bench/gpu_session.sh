@@ -45,7 +45,8 @@ step first-step-keep 200 python bench/first_step.py --kinds dpo-lora-bf16 cita-l
 step ckpt-8b     300 python bench/trainable_vs_trl.py --checkpoint-only
 for precision in bf16 nf4; do
 step cost-$precision 600 python bench/project_cost.py calibrate --precisions $precision --steps 8 --n-eval 32 \
-                     --n-generate 8 --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
+                     --n-generate 8 --tokenizer embedded:smollm2-135m-instruct \
+                     --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
 done
 step cost-project 120 python bench/project_cost.py --bench-file "$ADD" project
 # Packing: the per-GPU baseline in full (12 trials, ~11 min) and packed (36 trials, ~4 min) on one VM, into one

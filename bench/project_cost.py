@@ -2,8 +2,9 @@
 
     # 1. On a GPU: short calibration trials, one per method x adapter x precision, at the cluster profile's
     #    settings (planned micro-batch, max length, evaluation), filed in MLflow (~1 min per 8B trial):
-    python bench/project_cost.py calibrate --model /root/llama3-8b-random --precisions bf16
-    python bench/project_cost.py calibrate --model /root/llama3-8b-random --precisions nf4
+    python bench/project_cost.py calibrate --model /root/llama3-8b-random --precisions bf16 \
+        --tokenizer embedded:smollm2-135m-instruct     # a real tokenizer for the random weights
+    python bench/project_cost.py calibrate --model /root/llama3-8b-random --precisions nf4 --tokenizer ...
     # 2. Anywhere: project every trial of sweeps/multi_seed.py and sweeps/cita_fixes.py (profile lambda) and
     #    append the table to BENCHMARKS.md:
     python bench/project_cost.py project
@@ -48,16 +49,42 @@ def study_trials(profile_name: str = "lambda"):
     return profile, trials
 
 
+def with_tokenizer(model_dir: str, tokenizer: str) -> str:
+    """A view of a local checkpoint with another model's tokenizer: its weights and configs linked, the
+    tokenizer saved beside them. For bench/'s random-weights 8B, whose word-level tokenizer turns real text into
+    <unk> and fails generation's stop strings: a real BPE tokenizer gives real text its real length."""
+    from trainables.models import load_tokenizer
+
+    import json
+
+    src = Path(model_dir)
+    tok, vocab = load_tokenizer(tokenizer), json.loads((src / "config.json").read_text())["vocab_size"]
+    if len(tok) > vocab:
+        raise SystemExit(f"--tokenizer {tokenizer}: {len(tok)} tokens, more than {model_dir}'s vocabulary ({vocab})")
+    view = src.with_name(f"{src.name}+tokenizer-{tokenizer.rstrip('/').rsplit('/', 1)[-1].replace(':', '-')}")
+    view.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        if (f.suffix == ".safetensors" or f.name in ("config.json", "generation_config.json",
+                                                      "model.safetensors.index.json")) and not (view / f.name).exists():
+            (view / f.name).symlink_to(f.resolve())
+    tok.save_pretrained(view)
+    return str(view)
+
+
 def calibrate(model: str, precisions: list[str], steps: int, data: str, n_eval: int, n_generate: int,
-              tracking_uri: str | None, profile_name: str = "lambda") -> None:
+              tracking_uri: str | None, profile_name: str = "lambda", tokenizer: str | None = None) -> None:
+    import traceback
+
     from trainables import tracking
-    from trainables.trial import run_trial
+    from trainables.trial import free_memory, run_trial
 
     profile, trials = study_trials(profile_name)
     offered = sorted({t.config.precision for t in trials})
     if set(precisions) - set(offered):
         raise SystemExit(f"--precisions {' '.join(sorted(set(precisions) - set(offered)))}: the {profile.name} "
                          f"profile's study trains at {', '.join(offered)} only")
+    if tokenizer:
+        model = with_tokenizer(model, tokenizer)
     seen, uri = set(), tracking_uri or tracking.default_tracking_uri()
     client = tracking.client(uri)
     experiment = tracking.ensure_experiment(client, EXPERIMENT)
@@ -74,8 +101,9 @@ def calibrate(model: str, precisions: list[str], steps: int, data: str, n_eval: 
         try:
             run_trial(cfg, "|".join(kind), uri, experiment, gpu_share=profile.gpus_per_trial,
                       plan_micro_batch=profile.plan_micro_batch)
-        except Exception as err:  # noqa: BLE001 - one failed kind must not lose the others
-            print(f"  failed: {type(err).__name__}: {err}", flush=True)
+        except Exception:  # noqa: BLE001 - one failed kind must not lose the others
+            print("  failed:", "".join(traceback.format_exc(limit=-4)), flush=True)
+        free_memory()  # a failed trial's model is garbage only now that its traceback is gone
 
 
 def rates(tracking_uri: str | None) -> dict[tuple, dict]:
@@ -168,13 +196,17 @@ def main():
     cal.add_argument("--data", default="generated", help="'generated', 'pku_saferlhf' or a local PKU copy")
     cal.add_argument("--n-eval", type=int, default=64)
     cal.add_argument("--n-generate", type=int, default=16)
+    cal.add_argument("--tokenizer", default=None, help="another model's tokenizer for a local checkpoint (e.g. "
+                     "embedded:smollm2-135m-instruct for bench/'s random 8B, whose word-level one fails on real "
+                     "text); default: the checkpoint's own")
     for p in (cal, sub.add_parser("project", help="project the study's GPU-hours from the calibration")):
         p.add_argument("--tracking-uri", default=None)
         p.add_argument("--profile", default="lambda")
     ap.add_argument("--bench-file", default="BENCHMARKS.md")
     a = ap.parse_args()
     if a.command == "calibrate":
-        calibrate(a.model, a.precisions, a.steps, a.data, a.n_eval, a.n_generate, a.tracking_uri, a.profile)
+        calibrate(a.model, a.precisions, a.steps, a.data, a.n_eval, a.n_generate, a.tracking_uri, a.profile,
+                  a.tokenizer)
     else:
         project(a.tracking_uri, a.bench_file, a.profile)
 

@@ -226,3 +226,31 @@ def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_
     assert "| sft-lora-fp32 | 1 | true |" in text and "n=1;" in text
     with pytest.raises(SystemExit, match="--kinds nope: allowed values: sft-lora-fp32"):
         first_step.run(["nope"], 1, 2, 2, model="tiny-random")
+
+
+def test_project_cost_gives_a_random_checkpoint_a_real_tokenizer_and_generation_works(runs, tmp_path):
+    """bench/'s random-weights checkpoints carry a word-level tokenizer: real text becomes <unk> and generation's
+    stop strings fail on it (the 8B calibration of 2026-11-23 failed so). The view keeps the weights, links not
+    copies, and brings SmolLM2's tokenizer; a trial with generations then runs on it."""
+    import torch
+    from grit_speed import llama_config
+    from project_cost import with_tokenizer
+    from trainable_vs_trl import save_random_checkpoint
+
+    from trainables import tracking
+    from trainables.models import EMBEDDED, load_tokenizer
+    from trainables.trial import run_trial
+
+    ckpt = tmp_path / "tiny-llama"
+    save_random_checkpoint(llama_config(True), ckpt, "cpu", torch.float32)
+    with pytest.raises(SystemExit, match="--tokenizer .*: 49152 tokens, more than .* vocabulary"):
+        with_tokenizer(str(ckpt), EMBEDDED)
+    save_random_checkpoint(llama_config(True).__class__(**{**llama_config(True).to_dict(), "vocab_size": 49152}),
+                           ckpt, "cpu", torch.float32)
+    view = Path(with_tokenizer(str(ckpt), EMBEDDED))
+    assert all((view / f).is_symlink() for f in ("config.json", "model.safetensors"))
+    assert load_tokenizer(str(view)).get_vocab() == load_tokenizer(EMBEDDED).get_vocab()
+    cfg = {"model": str(view), "method": "dpo", "precision": "fp32", "data": "generated", "template": "llama3",
+           "n_train": 16, "n_eval": 2, "max_steps": 1, "micro_batch": 1, "eval": {"n_generate": 1, "max_new_tokens": 4}}
+    metrics = run_trial(cfg, "a", runs, tracking.ensure_experiment(tracking.client(runs), "t"))
+    assert metrics["eval/n_generated"] == 1

@@ -96,6 +96,30 @@ def test_a_finished_trial_leaves_its_survivors_out_of_the_collectors_scans(runs,
     assert kept and kept[0]() is None  # the trial's model was freed, not frozen
 
 
+def test_a_failed_trials_model_is_not_frozen_and_is_freed_once_caught(runs, tiny_model):
+    """A failure propagates with the trial's model in its traceback: nothing is frozen then, so the caller's
+    free_memory after its except block gives the model back (a frozen one would stay for the process's life)."""
+    import gc
+
+    from transformers import TrainerCallback
+
+    from trainables import trial
+
+    class Fail(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    gc.unfreeze()
+    client = tracking.client(runs)
+    kept = []
+    with pytest.raises(RuntimeError, match="boom"):
+        trial.run_trial(tiny_trial(method="sft"), "a", runs, tracking.ensure_experiment(client, "t"),
+                        callbacks=[_keep_model(kept), Fail()])
+    assert gc.get_freeze_count() == 0
+    trial.free_memory()
+    assert kept and kept[0]() is None
+
+
 def _keep_model(refs):
     """A TrainerCallback that keeps a weak reference to the trial's model."""
     from transformers import TrainerCallback

@@ -100,12 +100,8 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
 
 def free_memory():
     """Give a finished or failed attempt's memory back (a reused worker runs the next trial in this process).
-
-    What survives the collection (imported modules, caches) lives as long as the process: frozen out of the
-    collector's view, so the full collection every trainer.train() starts with (accelerate's free_memory) scans
-    only the next trial's objects (0.5 s -> ? s per trial on a warm worker, bench/first_step.py)."""
+    A failed attempt's objects are garbage only once its traceback is: call this after the except block too."""
     gc.collect()
-    gc.freeze()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -165,6 +161,11 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
         raise
     finally:  # a reused Ray worker runs the next trial in this process: give its memory back
         free_memory()
+    # What survives a finished trial (imported modules, caches) lives as long as the process: frozen out of the
+    # collector's view, the full collection each trainer.train() starts with (accelerate's free_memory) skips it
+    # (0.5 s of a warm trial's start on CPU, bench/first_step.py). Not after a failure: its traceback still holds
+    # the trial's model, which freezing would keep for good.
+    gc.freeze()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
     return metrics
