@@ -36,10 +36,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # part). The list is about two sessions long: later ones run with SKIP= naming what finished.
 # The projected cost of the study (never measured): the random 8B checkpoint (kept from an earlier step on this
 # VM), one short calibration trial per method x adapter x precision (12 8B trials), then the projection.
-# Trial start -> first step on one warm worker (target <= 5 s), profiled: where its seconds go; then whether
-# keeping the allocator's cached memory between trials (no empty_cache) helps.
-step first-step  300 python bench/first_step.py --kinds sft-lora-bf16 dpo-lora-bf16 cita-lora-bf16 dpo-grit-bf16 \
-                     dpo-lora-nf4 cita-grit-nf4 --profile --bench-file "$ADD"
+# Trial start -> first step on one warm worker (target <= 5 s); then profiled (cProfile slows the Python-heavy
+# setup: its times are not the clean ones): where its seconds go; then whether keeping the allocator's cached
+# memory between trials (no empty_cache) helps (it did not, 2026-11-23).
+KINDS="sft-lora-bf16 dpo-lora-bf16 cita-lora-bf16 dpo-grit-bf16 dpo-lora-nf4 cita-grit-nf4"
+step first-step  300 python bench/first_step.py --kinds $KINDS --bench-file "$ADD"
+step first-step-profile 300 python bench/first_step.py --kinds $KINDS --profile
 step first-step-keep 200 python bench/first_step.py --kinds dpo-lora-bf16 cita-lora-bf16 --repeat 3 \
                      --keep-allocator-cache --bench-file "$ADD"
 step ckpt-8b     300 python bench/trainable_vs_trl.py --checkpoint-only
