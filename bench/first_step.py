@@ -35,18 +35,11 @@ def kind_configs(steps: int, n_eval: int, model: str | None = None) -> dict[str,
     """One config per method-adapter-precision of the multi-seed study under the local profile (what the
     packing benchmark's trials train), shortened to `steps` steps, `n_eval` pairs and no generations; `model`
     replaces the profile's."""
-    from sweeps import multi_seed, profiles
-    from sweeps.spec import Spec, expand
+    from packing import local_kinds
 
-    profile = profiles.get("local")
-    out = {}
-    for t in expand(Spec.load(multi_seed.spec(profile)), profile.overrides, cuda=profile.cuda,
-                    step_scale=profile.step_scale):
-        c = t.config
-        out.setdefault(f"{c.method}-{c.adapter}-{c.precision}", c.model_dump(mode="json") | {
-            "max_steps": steps, "n_eval": n_eval, "eval": c.eval.model_dump() | {"n_generate": 0}}
-            | ({"model": model} if model else {}))
-    return out
+    return {kind: c.model_dump(mode="json") | {"max_steps": steps, "n_eval": n_eval,
+                                               "eval": c.eval.model_dump() | {"n_generate": 0}}
+            | ({"model": model} if model else {}) for kind, c in local_kinds().items()}
 
 
 def _profile_until_first_step(profiler: cProfile.Profile):
@@ -86,13 +79,15 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
         experiment = tracking.ensure_experiment(client, "first-step")
         for kind in kinds:
             for i in range(repeat):
-                profiler = cProfile.Profile()
-                profiler.enable()
+                profiler = cProfile.Profile() if profile else None  # it slows Python-heavy setup: only if asked
+                if profiler:
+                    profiler.enable()
                 try:
                     m = run_trial(configs[kind], f"{kind}#{i}", uri, experiment,
-                                  callbacks=[_profile_until_first_step(profiler)])
+                                  callbacks=[_profile_until_first_step(profiler)] if profiler else [])
                 finally:
-                    profiler.disable()
+                    if profiler:
+                        profiler.disable()
                 run = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)[0]
                 row = {"kind": kind, "i": i, "warm_kind": run.data.tags.get("warm_kind"),
                        "setup_s": m["time/setup_s"], "before_s": m["time/before_first_step_s"],
@@ -102,7 +97,7 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
                 print(f"{kind} #{i} (warm_kind={row['warm_kind']}): setup {row['setup_s']:.2f} s, before step 1 "
                       f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s, to end of step 1 "
                       f"{row['to_first_s']:.2f} s; later steps {row['later_step_s']:.3f} s each", flush=True)
-                if profile and row["to_first_s"] > profile_over:
+                if profiler and row["to_first_s"] > profile_over:
                     print(_stats(profiler, "cumulative", 30), _stats(profiler, "tottime", 15), sep="\n", flush=True)
     return rows
 

@@ -199,18 +199,25 @@ def section(rows: list[dict], command: str) -> str:
 
 
 # --- scaling: N processes training at once on one GPU, no Ray, no evaluation ---------------------------------
-def local_trial_config(method: str, adapter: str, precision: str):
-    """The local GPU profile's multi-seed trial of that method, adapter and precision (first seed)."""
+def local_kinds() -> dict:
+    """The local GPU profile's multi-seed trials, one per kind: "method-adapter-precision" -> TrialConfig (first
+    seed). Also bench/first_step.py's trials."""
     from sweeps import multi_seed, profiles
     from sweeps.spec import Spec, expand
 
     profile = profiles.get("local")
-    trials = expand(Spec.load(multi_seed.spec(profile)), profile.overrides, cuda=profile.cuda,
-                    step_scale=profile.step_scale)
-    for t in trials:
-        if (t.config.method, t.config.adapter, t.config.precision) == (method, adapter, precision):
-            return t.config
-    raise SystemExit(f"--case {method}-{adapter}-{precision}: not a trial of the local profile's study")
+    kinds = {}
+    for t in expand(Spec.load(multi_seed.spec(profile)), profile.overrides, cuda=profile.cuda,
+                    step_scale=profile.step_scale):
+        kinds.setdefault(f"{t.config.method}-{t.config.adapter}-{t.config.precision}", t.config)
+    return kinds
+
+
+def local_trial_config(case: str):
+    kinds = local_kinds()
+    if case not in kinds:
+        raise SystemExit(f"--case {case}: not a trial of the local profile's study; allowed values: {', '.join(kinds)}")
+    return kinds[case]
 
 
 def scaling_worker(case: str, steps: int, rank: int, barrier: Path) -> None:
@@ -221,7 +228,7 @@ def scaling_worker(case: str, steps: int, rank: int, barrier: Path) -> None:
     from trainables import trial
 
     torch.set_num_threads(1)  # as a packed trial (1 Ray CPU each)
-    cfg = local_trial_config(*case.split("-"))
+    cfg = local_trial_config(case)
     cfg = cfg.model_copy(update={"max_steps": steps, "seed": cfg.seed + rank})
     ends = []
 

@@ -53,20 +53,23 @@ def with_tokenizer(model_dir: str, tokenizer: str) -> str:
     """A view of a local checkpoint with another model's tokenizer: its weights and configs linked, the
     tokenizer saved beside them. For bench/'s random-weights 8B, whose word-level tokenizer turns real text into
     <unk> and fails generation's stop strings: a real BPE tokenizer gives real text its real length."""
-    from trainables.models import load_tokenizer
-
+    import hashlib
     import json
+    import shutil
+
+    from trainables.models import load_tokenizer
 
     src = Path(model_dir)
     tok, vocab = load_tokenizer(tokenizer), json.loads((src / "config.json").read_text())["vocab_size"]
     if len(tok) > vocab:
         raise SystemExit(f"--tokenizer {tokenizer}: {len(tok)} tokens, more than {model_dir}'s vocabulary ({vocab})")
-    view = src.with_name(f"{src.name}+tokenizer-{tokenizer.rstrip('/').rsplit('/', 1)[-1].replace(':', '-')}")
-    view.mkdir(exist_ok=True)
+    view = src.with_name(f"{src.name}+tokenizer-{hashlib.sha256(tokenizer.encode()).hexdigest()[:12]}")
+    shutil.rmtree(view, ignore_errors=True)  # rebuilt each time: never a stale link or another tokenizer's file
+    view.mkdir()
     for f in src.iterdir():
-        if (f.suffix == ".safetensors" or f.name in ("config.json", "generation_config.json",
-                                                      "model.safetensors.index.json")) and not (view / f.name).exists():
-            (view / f.name).symlink_to(f.resolve())
+        if f.suffix == ".safetensors" or f.name in ("config.json", "generation_config.json",
+                                                    "model.safetensors.index.json"):
+            (view / f.name).symlink_to(f.absolute())
     tok.save_pretrained(view)
     return str(view)
 

@@ -211,10 +211,14 @@ def test_trainable_vs_trl_runs_end_to_end_with_the_aa_control(tmp_path):
     assert "- cita-fp32: A/A control: see dpo-fp32" in text and "- dpo-fp32: A/A bare-a/bare-b:" in text
 
 
-def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_model, capsys):
+def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_model, capsys, monkeypatch):
     """bench/first_step.py: trials one after another in this process; the second of a kind is a warm kind, the
     step clock adds up, and --profile prints the cProfile of a trial slower than the threshold."""
     import first_step
+
+    from trainables import trial
+
+    monkeypatch.setattr(trial, "_kinds_in_this_process", set())  # earlier tests ran this kind in this process
 
     rows = first_step.run(["sft-lora-fp32"], repeat=2, steps=2, n_eval=2, profile=True, profile_over=0.0,
                           model="tiny-random")
@@ -222,6 +226,8 @@ def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_
     for r in rows:
         assert r["before_s"] + r["step1_s"] == pytest.approx(r["to_first_s"]) and r["later_step_s"] > 0
     assert capsys.readouterr().out.count("run_trial") >= 2  # a profile per trial, each with the trial's frames
+    first_step.run(["sft-lora-fp32"], repeat=1, steps=2, n_eval=2, profile=False, model="tiny-random")
+    assert "ncalls" not in capsys.readouterr().out  # not profiled unless asked: cProfile slows the setup it times
     text = first_step.section(rows, "cmd", "CPU")
     assert "| sft-lora-fp32 | 1 | true |" in text and "n=1;" in text
     with pytest.raises(SystemExit, match="--kinds nope: allowed values: sft-lora-fp32"):
@@ -247,8 +253,10 @@ def test_project_cost_gives_a_random_checkpoint_a_real_tokenizer_and_generation_
         with_tokenizer(str(ckpt), EMBEDDED)
     save_random_checkpoint(llama_config(True).__class__(**{**llama_config(True).to_dict(), "vocab_size": 49152}),
                            ckpt, "cpu", torch.float32)
+    (ckpt / "generation_config.json").unlink()  # a file gone from the source is gone from a view made again
     view = Path(with_tokenizer(str(ckpt), EMBEDDED))
     assert all((view / f).is_symlink() for f in ("config.json", "model.safetensors"))
+    assert Path(with_tokenizer(str(ckpt), EMBEDDED)) == view and not (view / "generation_config.json").exists()
     assert load_tokenizer(str(view)).get_vocab() == load_tokenizer(EMBEDDED).get_vocab()
     cfg = {"model": str(view), "method": "dpo", "precision": "fp32", "data": "generated", "template": "llama3",
            "n_train": 16, "n_eval": 2, "max_steps": 1, "micro_batch": 1, "eval": {"n_generate": 1, "max_new_tokens": 4}}

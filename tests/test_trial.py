@@ -80,13 +80,15 @@ def test_same_seed_same_losses(runs, tiny_model, monkeypatch):
     assert (older.data.tags["warm_kind"], newer.data.tags["warm_kind"]) == ("false", "true")
 
 
-def test_a_finished_trial_leaves_its_survivors_out_of_the_collectors_scans(runs, tiny_model):
-    """After a trial, what is still alive (modules, caches) is frozen: the next trial's full collections (one per
-    trainer.train()) do not walk it again. The trial's own objects are collected first, not frozen."""
+def test_a_finished_trial_leaves_its_survivors_out_of_the_collectors_scans(runs, tiny_model, monkeypatch):
+    """After the process's first finished trial, what is still alive (modules, caches) is frozen: later trials'
+    full collections (one per trainer.train()) do not walk it again. The trial's own objects are collected
+    first, not frozen; later trials freeze nothing more (what a caller's per-trial objects would leak)."""
     import gc
 
     from trainables import trial
 
+    monkeypatch.setattr(trial, "_frozen", False)
     gc.unfreeze()
     client = tracking.client(runs)
     kept = []
@@ -94,9 +96,12 @@ def test_a_finished_trial_leaves_its_survivors_out_of_the_collectors_scans(runs,
                     callbacks=[_keep_model(kept)])
     assert gc.get_freeze_count() > 0
     assert kept and kept[0]() is None  # the trial's model was freed, not frozen
+    gc.unfreeze()
+    trial.run_trial(tiny_trial(method="sft"), "b", runs, tracking.ensure_experiment(client, "t"))
+    assert gc.get_freeze_count() == 0
 
 
-def test_a_failed_trials_model_is_not_frozen_and_is_freed_once_caught(runs, tiny_model):
+def test_a_failed_trials_model_is_not_frozen_and_is_freed_once_caught(runs, tiny_model, monkeypatch):
     """A failure propagates with the trial's model in its traceback: nothing is frozen then, so the caller's
     free_memory after its except block gives the model back (a frozen one would stay for the process's life)."""
     import gc
@@ -109,6 +114,7 @@ def test_a_failed_trials_model_is_not_frozen_and_is_freed_once_caught(runs, tiny
         def on_step_end(self, *args, **kwargs):
             raise RuntimeError("boom")
 
+    monkeypatch.setattr(trial, "_frozen", False)
     gc.unfreeze()
     client = tracking.client(runs)
     kept = []
@@ -129,3 +135,138 @@ def _keep_model(refs):
             refs.append(weakref.ref(model))
 
     return Keep()
+
+
+def test_failure_is_recorded_on_the_run(runs, tiny_model):
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    with pytest.raises(Exception):
+        run_trial(tiny_trial(model="no-such-org/no-such-model"), "bad", runs, exp)
+    (run,) = client.search_runs([exp])
+    assert run.info.status == "FAILED" and run.data.tags["trial_status"] == "failed"
+    assert "no-such-org/no-such-model" in run.data.tags["error"]
+
+
+def test_steps_logged_before_a_failure_reach_mlflow(runs, tiny_model, monkeypatch):
+    """The step logger buffers its MLflow writes (one batch per 10 s): an attempt that fails mid-training still
+    files the steps it finished."""
+    from transformers import TrainerCallback
+
+    from trainables import trial
+
+    real = trial.METHOD_TRAINERS["sft"]
+
+    class Crash(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                raise RuntimeError("disk on fire (injected by the test)")
+
+    def build(cfg, *args, **kwargs):
+        trainer = real(cfg, *args, **kwargs)
+        trainer.add_callback(Crash())
+        return trainer
+
+    monkeypatch.setitem(trial.METHOD_TRAINERS, "sft", build)
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_trial(tiny_trial(), "crash", runs, exp)
+    (run,) = client.search_runs([exp])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
+
+
+def _inject_oom(monkeypatch, method: str, largest_that_fits: int) -> list:
+    """Make training raise CUDA's OOM error whenever the micro-batch exceeds `largest_that_fits`; returns the
+    (micro_batch, grad_accum) of every trainer built."""
+    import torch
+    from transformers import TrainerCallback
+
+    from trainables import trial
+
+    real, built = trial.METHOD_TRAINERS[method], []
+
+    class OutOfMemory(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if args.per_device_train_batch_size > largest_that_fits:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
+
+    def build(cfg, *args, **kwargs):
+        trainer = real(cfg, *args, **kwargs)
+        built.append((trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps))
+        trainer.add_callback(OutOfMemory())
+        return trainer
+
+    monkeypatch.setitem(trial.METHOD_TRAINERS, method, build)
+    return built
+
+
+def test_oom_retries_with_half_micro_batch_and_same_effective_batch(runs, tiny_model, monkeypatch):
+    built = _inject_oom(monkeypatch, "sft", largest_that_fits=1)
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    metrics = run_trial(tiny_trial(micro_batch=4, grad_accum=1), "oom", runs, exp)
+    assert built == [(4, 1), (2, 2), (1, 4)]
+    (run,) = client.search_runs([exp])
+    tags = run.data.tags
+    assert run.info.status == "FINISHED" and tags["trial_status"] == "finished"
+    assert (tags["oom_retries"], tags["exec_micro_batch"], tags["exec_grad_accum"]) == ("2", "1", "4")
+    assert "micro_batch=2" in tags["oom_retry_1"] and "out of memory" in tags["oom_retry_1"]
+    assert run.data.metrics["sys/oom_retries"] == 2 == metrics["sys/oom_retries"]
+    assert run.data.params["micro_batch"] == "4"  # the config (and its key) stays what the spec asked for
+
+
+def test_oom_at_micro_batch_one_fails_the_trial(runs, tiny_model, monkeypatch):
+    from trainables.trial import TrainingOOM
+
+    _inject_oom(monkeypatch, "dpo", largest_that_fits=0)
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    with pytest.raises(TrainingOOM):
+        run_trial(tiny_trial(method="dpo", micro_batch=2), "oom", runs, exp)
+    (run,) = client.search_runs([exp])
+    assert run.info.status == "FAILED" and run.data.tags["oom_retries"] == "1"
+    assert "out of memory" in run.data.tags["error"] and "micro_batch=1" in run.data.tags["error"]
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_accumulation_is_equivalent_to_a_bigger_micro_batch(method, tiny_model, tmp_path):
+    """What the OOM retry and the memory planner rely on: micro-batch 4 x 1 trains like 2 x 2 and 1 x 4."""
+    from trainables.trial import prepare
+
+    losses = []
+    for micro, accum in [(4, 1), (2, 2), (1, 4)]:
+        cfg = TrialConfig(**tiny_trial(method=method, micro_batch=micro, grad_accum=accum, max_steps=3))
+        trainer, _, _ = prepare(cfg, str(tmp_path / f"{micro}"))
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[0]) == 3
+    for other in losses[1:]:
+        assert other == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
+
+
+def test_chunked_log_probs_equal_the_full_logits_ones(tiny_model, monkeypatch):
+    """Evaluation scores through the LM head a chunk of positions at a time; the log-probs are those of the
+    model's own logits, with the adapter on, and differ with it off."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainables import evaluate, lora, models
+
+    model = lora.attach(AutoModelForCausalLM.from_pretrained(models.resolve(tiny_model)),
+                        TrialConfig(model=tiny_model))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # a trained adapter: B != 0
+            torch.nn.init.normal_(p, std=0.5)
+    monkeypatch.setattr(evaluate, "LOGITS_CHUNK_TOKENS", 7)  # chunks that cut across sequences
+    ids = torch.randint(0, 1000, (3, 20))
+    attn = torch.ones_like(ids)
+    attn[1, 12:] = 0
+    with torch.no_grad():
+        chunked = evaluate._token_logps(model, ids, attn)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        full = torch.gather(logits.log_softmax(-1), 2, ids[:, 1:, None]).squeeze(2)
+        with model.disable_adapter():
+            reference = evaluate._token_logps(model, ids, attn)
+    assert torch.allclose(chunked, full, atol=1e-5)
+    assert not torch.allclose(chunked, reference, atol=1e-3)

@@ -22,6 +22,7 @@ METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": c
 # imported and caches filled. This one: its first-use costs (TRL's Triton kernels, quantization kernels, GRIT's
 # hooks) were paid too, which a kind's first trial here pays in its first step even on a warm worker.
 _kinds_in_this_process: set[tuple[str, str, str]] = set()
+_frozen = False  # see _freeze_once
 
 
 class TrainingOOM(RuntimeError):
@@ -106,6 +107,19 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
+def _freeze_once():
+    """After this process's first finished trial, freeze what is alive (imported torch/transformers/TRL, caches:
+    nearly all of a warm worker's heap) out of the garbage collector's view, so the full collection each
+    trainer.train() starts with (accelerate's free_memory) skips it: 0.5-1 s of every later trial's start
+    (bench/first_step.py). Once only: whatever is frozen is never collected, so a caller's per-trial objects
+    (Ray's session, a callback) that die in reference cycles would leak at every freeze. Not after a failure: its
+    traceback still holds the trial's model."""
+    global _frozen
+    if not _frozen:
+        gc.freeze()
+        _frozen = True
+
+
 def halve_micro_batch(cfg: TrialConfig) -> TrialConfig:
     """Half the micro-batch, twice the accumulation: the same effective batch in less memory."""
     return cfg.model_copy(update={"micro_batch": cfg.micro_batch // 2, "grad_accum": cfg.grad_accum * 2})
@@ -161,11 +175,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
         raise
     finally:  # a reused Ray worker runs the next trial in this process: give its memory back
         free_memory()
-    # What survives a finished trial (imported modules, caches) lives as long as the process: frozen out of the
-    # collector's view, the full collection each trainer.train() starts with (accelerate's free_memory) skips it
-    # (0.5 s of a warm trial's start on CPU, bench/first_step.py). Not after a failure: its traceback still holds
-    # the trial's model, which freezing would keep for good.
-    gc.freeze()
+    _freeze_once()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
     return metrics
