@@ -30,20 +30,30 @@ step() {  # step NAME SECONDS CMD...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
 
-# Order for a 30-device-minute session (staging + install take ~3): issue 6's unmeasured rows first. Measured
-# already (BENCHMARKS.md, 2026-11-23): GRIT all four cases (issue 3, closed), tvt on 8B (all six cases) and
-# SmolLM2, the planner, packing without Ray (--scaling) and the packed sweep rows (the per-GPU baseline only in
-# part). The list is about two sessions long: later ones run with SKIP= naming what finished.
-# The projected cost of the study (never measured): the random 8B checkpoint (kept from an earlier step on this
-# VM), one short calibration trial per method x adapter x precision (12 8B trials), then the projection.
-# Trial start -> first step on one warm worker (target <= 5 s); then profiled (cProfile slows the Python-heavy
-# setup: its times are not the clean ones): where its seconds go; then whether keeping the allocator's cached
-# memory between trials (no empty_cache) helps (it did not, 2026-11-23).
-KINDS="sft-lora-bf16 dpo-lora-bf16 cita-lora-bf16 dpo-grit-bf16 dpo-lora-nf4 cita-grit-nf4"
-step first-step  300 python bench/first_step.py --kinds $KINDS --bench-file "$ADD"
-step first-step-profile 300 python bench/first_step.py --kinds $KINDS --profile
-step first-step-keep 200 python bench/first_step.py --kinds dpo-lora-bf16 cita-lora-bf16 --repeat 3 \
-                     --keep-allocator-cache --bench-file "$ADD"
+# Order for a 30-device-minute session (staging + install take ~1 min on a warm VM, ~4 with a cold start):
+# issue 6's open rows first. Measured already (BENCHMARKS.md, 2026-11-23): GRIT all four cases (issue 3, closed),
+# tvt on 8B (all six cases) and SmolLM2, the planner, packing without Ray (--scaling), the packed sweep rows (the
+# per-GPU baseline only in part, on another VM), the first step on a warm worker alone (PASS) and the study's
+# projected cost (once, its first kind carrying the cold start). VMs differ by up to 40% in speed: compare rows
+# of one run only. The list is about two sessions long: later ones run with SKIP= naming what finished.
+# Packing: the per-GPU baseline in full (12 trials, ~11 min), packed (36 trials, ~4.5 min) and packed with the
+# workers' allocator cache kept (the warm first step under packing: 7.9 s, FAIL), one VM, one results file.
+# packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
+step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed packed-keep-cache} --seeds 1 \
+                     --packed-seeds 3 --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
+# The 8B rows not settled at <= 1.02, each with its A/A control (the noise floor).
+step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases sft-nf4 dpo-nf4 --steps 30 --block 1 --control \
+                     --bench-file "$ADD"
+# The SmolLM2 rows that failed <= 1.02 on 2026-11-23, again, with the A/A control.
+step tvt-smollm2 660 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 sft-nf4 dpo-nf4 cita-nf4 \
+                     --steps 40 --block 1 --control --bench-file "$ADD"
+# Trial start -> first step on one warm worker (target <= 5 s), every kind; then profiled (cProfile slows the
+# Python-heavy setup: where the seconds go, not clean times).
+step first-step  400 python bench/first_step.py --bench-file "$ADD"
+step first-step-profile 400 python bench/first_step.py --kinds sft-lora-bf16 dpo-lora-bf16 dpo-grit-nf4 --profile
+# The projected cost of the study again, now with a warm-up trial taking the process's cold start: the random 8B
+# checkpoint (kept from an earlier step on this VM), one short calibration trial per method x adapter x
+# precision (12 8B trials, ~1 min each), then the projection.
 step ckpt-8b     300 python bench/trainable_vs_trl.py --checkpoint-only
 for precision in bf16 nf4; do
 step cost-$precision 600 python bench/project_cost.py calibrate --precisions $precision --steps 8 --n-eval 32 \
@@ -51,16 +61,6 @@ step cost-$precision 600 python bench/project_cost.py calibrate --precisions $pr
                      --model "${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0"
 done
 step cost-project 120 python bench/project_cost.py --bench-file "$ADD" project
-# Packing: the per-GPU baseline in full (12 trials, ~11 min) and packed (36 trials, ~4 min) on one VM, into one
-# results file. packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
-step packing    1200 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --seeds 1 --packed-seeds 3 \
-                     --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
-# The 8B rows not settled at <= 1.02, each with its A/A control (the noise floor).
-step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases sft-nf4 dpo-nf4 --steps 30 --block 1 --control \
-                     --bench-file "$ADD"
-# The SmolLM2 rows that failed <= 1.02 on 2026-11-23, again, with the A/A control.
-step tvt-smollm2 660 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 sft-nf4 dpo-nf4 cita-nf4 \
-                     --steps 40 --block 1 --control --bench-file "$ADD"
 step pytest-gpu  300 python -m pytest -m gpu -q -p no:cacheprovider
 # Without Ray, 1/4/16 processes training at once, time-sliced and under MPS (~5 min): re-check on a new GPU kind.
 step scaling     480 python bench/packing.py --scaling 1 4 16 --mps both --steps 20 --bench-file "$ADD"

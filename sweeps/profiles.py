@@ -2,7 +2,7 @@
 scripts run unchanged under any of them (`--profile local|gpu|lambda|tacc`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from trainables.models import EMBEDDED
@@ -24,7 +24,6 @@ class Profile:
     precisions: tuple[str, ...]               # what "the precisions the machine supports" means here
     step_scale: float = 1.0                   # shrinks max_steps for small profiles, keeping ratios
     description: str = ""
-    env: dict[str, str] = field(default_factory=dict)
     # Memory planner (trainables/memory.py). pack_by_memory: each trial's GPU share is the smallest 1/k of a GPU
     # that holds its estimated peak (CPUs per trial then bound how many run at once). plan_micro_batch: a trial
     # trains at the largest micro-batch its share holds, same effective batch (execution only: same trial key).

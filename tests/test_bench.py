@@ -75,10 +75,12 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
                            n_generate=1, tracking_uri=runs, profile_name="local")
     measured = project_cost.rates(runs)
     assert set(measured) == kinds
-    assert all(r["step_s"] > 0 and r["setup_s"] > 0 and r["train_once_s"] > 0 for r in measured.values())
-    # one calibration run per kind: its one-time part plus its later steps are its whole training time
     from trainables import tracking
 
+    client = tracking.client(runs)  # the warm-up trial (the process's cold start) is filed apart
+    assert len(client.search_runs([client.get_experiment_by_name(project_cost.WARMUP).experiment_id])) == 1
+    assert all(r["step_s"] > 0 and r["setup_s"] > 0 and r["train_once_s"] > 0 for r in measured.values())
+    # one calibration run per kind: its one-time part plus its later steps are its whole training time
     for run in tracking.client(runs).search_runs([tracking.client(runs).get_experiment_by_name(
             project_cost.EXPERIMENT).experiment_id]):
         m, r = run.data.metrics, measured[tuple(run.data.tags[k] for k in ("method", "adapter", "precision"))]
@@ -88,6 +90,7 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
     rows = [r.split(" | ") for r in text.splitlines() if r.startswith("| ") and r[2:4] not in ("st", "--")]
     assert sum(int(r[5]) for r in rows) == len(trials)
     assert f"**{len(trials)} trials:" in text and (tmp_path / "bench.md").read_text() == text
+    assert f"(the warm-up trial: {project_cost.cold_start_s(runs):.0f} s" in text
     with pytest.raises(SystemExit, match="--precisions int8: the local profile's study trains at .* only"):
         project_cost.calibrate("tiny-random", ["int8", *sorted({k[2] for k in kinds})], 2, "generated", 4, 1, runs,
                                "local")
@@ -262,3 +265,18 @@ def test_project_cost_gives_a_random_checkpoint_a_real_tokenizer_and_generation_
            "n_train": 16, "n_eval": 2, "max_steps": 1, "micro_batch": 1, "eval": {"n_generate": 1, "max_new_tokens": 4}}
     metrics = run_trial(cfg, "a", runs, tracking.ensure_experiment(tracking.client(runs), "t"))
     assert metrics["eval/n_generated"] == 1
+
+
+def test_packing_keep_cache_mode_hands_the_setting_to_the_sweeps_workers(monkeypatch):
+    """--mode packed-keep-cache: the sweep (and the Ray workers it starts, which inherit the environment) runs
+    with ALIGNSWEEP_KEEP_GPU_CACHE=1; other modes without it."""
+    import os
+
+    import packing
+
+    from trainables.trial import KEEP_GPU_CACHE
+
+    monkeypatch.delenv(KEEP_GPU_CACHE, raising=False)
+    monkeypatch.setattr(packing, "_run_mode", lambda *args: os.environ.get(KEEP_GPU_CACHE))
+    assert packing.run_mode("packed-keep-cache", 1, [1], 16, []) == "1"
+    assert packing.run_mode("packed", 1, [1], 16, []) is None and KEEP_GPU_CACHE not in os.environ

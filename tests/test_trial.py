@@ -270,3 +270,19 @@ def test_chunked_log_probs_equal_the_full_logits_ones(tiny_model, monkeypatch):
             reference = evaluate._token_logps(model, ids, attn)
     assert torch.allclose(chunked, full, atol=1e-5)
     assert not torch.allclose(chunked, reference, atol=1e-3)
+
+
+def test_free_memory_keeps_the_gpu_cache_only_when_asked(monkeypatch):
+    """ALIGNSWEEP_KEEP_GPU_CACHE=1 (bench/packing.py --mode packed-keep-cache): no empty_cache between trials."""
+    import torch
+
+    from trainables import trial
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    monkeypatch.delenv(trial.KEEP_GPU_CACHE, raising=False)
+    trial.free_memory()
+    monkeypatch.setenv(trial.KEEP_GPU_CACHE, "1")
+    trial.free_memory()
+    assert emptied == [1]

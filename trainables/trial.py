@@ -7,6 +7,7 @@ MLflow run with half the micro-batch and twice the accumulation (same effective 
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 import time
 from typing import Callable
@@ -99,18 +100,25 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
     return trainer.model, tokenizer, items, {**metrics, **phases}, trainer.state.global_step
 
 
+KEEP_GPU_CACHE = "ALIGNSWEEP_KEEP_GPU_CACHE"  # experiment (bench/packing.py --mode packed-keep-cache), see below
+
+
 def free_memory():
     """Give a finished or failed attempt's memory back (a reused worker runs the next trial in this process).
-    A failed attempt's objects are garbage only once its traceback is: call this after the except block too."""
+    A failed attempt's objects are garbage only once its traceback is: call this after the except block too.
+
+    With ALIGNSWEEP_KEEP_GPU_CACHE=1 the caching allocator keeps its blocks: the next trial on this worker (same
+    GPU share under Ray) allocates without cudaMalloc, which 16 packed processes may contend on in their first
+    step (7.9 s warm, 2026-11-23; untested). PyTorch frees cached blocks itself before it reports an OOM."""
     gc.collect()
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and os.environ.get(KEEP_GPU_CACHE) != "1":
         torch.cuda.empty_cache()
 
 
 def _freeze_once():
     """After this process's first finished trial, freeze what is alive (imported torch/transformers/TRL, caches:
     nearly all of a warm worker's heap) out of the garbage collector's view, so the full collection each
-    trainer.train() starts with (accelerate's free_memory) skips it: 0.5-1 s of every later trial's start
+    trainer.train() starts with (accelerate's free_memory) skips it: ~0.5 s of every later trial's start
     (bench/first_step.py). Once only: whatever is frozen is never collected, so a caller's per-trial objects
     (Ray's session, a callback) that die in reference cycles would leak at every freeze. Not after a failure: its
     traceback still holds the trial's model."""
