@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 from pathlib import Path
 
@@ -103,8 +102,10 @@ def calibrate(model: str, precisions: list[str], steps: int, data: str, n_eval: 
     # A warm-up trial first, filed apart: it pays this process's cold start (CUDA, imports, tokenizing the data
     # set, first-use kernels), which would otherwise inflate whichever kind came first (2026-11-23: sft-lora's
     # ~1,000 s per trial outside its steps against 440-610 s for the rest). A sweep's workers pay it once each.
-    first = next(iter(kinds.values()))
-    todo = [("warm-up", WARMUP, first | {"max_steps": 2, "n_eval": 2, "eval": first["eval"] | {"n_generate": 1}}),
+    if not kinds:
+        raise SystemExit(f"--precisions: none given; the {profile.name} profile's study trains at {', '.join(offered)}")
+    first = next(iter(kinds.values()))  # same data split as the kinds (n_eval kept): its tokenized set is theirs
+    todo = [("warm-up", WARMUP, first | {"max_steps": 2, "eval": first["eval"] | {"n_generate": 1}}),
             *(("/".join(kind), EXPERIMENT, cfg) for kind, cfg in kinds.items())]
     for label, experiment, cfg in todo:
         print(f"calibrating {label} on {model} ({cfg['max_steps']} steps)", flush=True)
@@ -117,42 +118,41 @@ def calibrate(model: str, precisions: list[str], steps: int, data: str, n_eval: 
 
 
 def rates(tracking_uri: str | None) -> dict[tuple, dict]:
-    """Per (method, adapter, precision): median seconds per step, per pair scored, per generation, setup."""
+    """Per (method, adapter, precision), from its newest finished calibration run (older calibrations may be of
+    another model or carry a cold start): seconds per step, per pair scored, per generation, setup."""
     from trainables import tracking
 
     client = tracking.client(tracking_uri or tracking.default_tracking_uri())
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:
         raise SystemExit(f"no MLflow experiment {EXPERIMENT!r}: run `python bench/project_cost.py calibrate` first")
-    by_kind: dict[tuple, list] = {}
-    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000):
-        by_kind.setdefault((r.data.tags["method"], r.data.tags["adapter"], r.data.tags["precision"]), []).append(r)
+    newest: dict[tuple, object] = {}
+    for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=5000,
+                                order_by=["attributes.start_time DESC"]):
+        newest.setdefault((r.data.tags["method"], r.data.tags["adapter"], r.data.tags["precision"]), r)
     out = {}
-    for kind, runs in by_kind.items():
-        def median(rate):  # noqa: B023 - used at once, inside this iteration
-            return statistics.median(rate(r.data.metrics, r.data.params) for r in runs)
-
-        last = runs[0].data  # newest run: what was calibrated
+    for kind, run in newest.items():
+        m, p = run.data.metrics, run.data.params
+        train_once, step = training_split(m, int(p["max_steps"]))
         out[kind] = {
-            "train_once_s": median(lambda m, p: training_split(m, int(p["max_steps"]))[0]),
-            "step_s": median(lambda m, p: training_split(m, int(p["max_steps"]))[1]),
-            "pair_s": median(lambda m, p: m["time/eval_logps_s"] / max(m["eval/n_items"], 1)),
-            "generation_s": median(lambda m, p: m["time/eval_generate_s"] / m["eval/n_generated"]
-                                   if m["eval/n_generated"] else 0.0),
-            "setup_s": median(lambda m, p: m["time/setup_s"]),
-            "model": last.params["model"], "data": last.params["data"], "device": last.tags.get("device", ""),
-            "micro_batch": last.tags.get("exec_micro_batch", last.params["micro_batch"])}
+            "train_once_s": train_once, "step_s": step,
+            "pair_s": m["time/eval_logps_s"] / max(m["eval/n_items"], 1),
+            "generation_s": m["time/eval_generate_s"] / m["eval/n_generated"] if m["eval/n_generated"] else 0.0,
+            "setup_s": m["time/setup_s"],
+            "model": p["model"], "data": p["data"], "device": run.data.tags.get("device", ""),
+            "micro_batch": run.data.tags.get("exec_micro_batch", p["micro_batch"])}
     return out
 
 
 def cold_start_s(tracking_uri: str | None) -> float | None:
-    """Median seconds of the calibrations' warm-up trials (a process's first: its cold start); None if none."""
+    """Seconds of the newest calibration warm-up trial (a process's first: its cold start); None if none."""
     from trainables import tracking
 
     client = tracking.client(tracking_uri or tracking.default_tracking_uri())
     exp = client.get_experiment_by_name(WARMUP)
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else []
-    return statistics.median(r.data.metrics["eval/trial_seconds"] for r in runs) if runs else None
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1,
+                              order_by=["attributes.start_time DESC"]) if exp else []
+    return runs[0].data.metrics["eval/trial_seconds"] if runs else None
 
 
 def training_split(metrics: dict, max_steps: int) -> tuple[float, float]:

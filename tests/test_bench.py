@@ -71,18 +71,24 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
 
     profile, trials = project_cost.study_trials("local")  # fp32 on a CPU (bf16 + nf4 where CUDA is)
     kinds = {(t.config.method, t.config.adapter, t.config.precision) for t in trials}
+    from trainables import tracking
+
+    client = tracking.client(runs)  # an older calibration (another model, a cold start): not read
+    old = client.create_run(tracking.ensure_experiment(client, project_cost.EXPERIMENT), start_time=1,
+                            tags={"method": "sft", "adapter": "lora", "precision": "fp32"})
+    client.log_metric(old.info.run_id, "time/setup_s", 1e6)
+    client.set_terminated(old.info.run_id)
     project_cost.calibrate("tiny-random", sorted({k[2] for k in kinds}), steps=2, data="generated", n_eval=4,
                            n_generate=1, tracking_uri=runs, profile_name="local")
     measured = project_cost.rates(runs)
+    assert measured[("sft", "lora", "fp32")]["setup_s"] < 1e6
     assert set(measured) == kinds
-    from trainables import tracking
-
-    client = tracking.client(runs)  # the warm-up trial (the process's cold start) is filed apart
+    # the warm-up trial (the process's cold start) is filed apart
     assert len(client.search_runs([client.get_experiment_by_name(project_cost.WARMUP).experiment_id])) == 1
     assert all(r["step_s"] > 0 and r["setup_s"] > 0 and r["train_once_s"] > 0 for r in measured.values())
     # one calibration run per kind: its one-time part plus its later steps are its whole training time
-    for run in tracking.client(runs).search_runs([tracking.client(runs).get_experiment_by_name(
-            project_cost.EXPERIMENT).experiment_id]):
+    for run in client.search_runs([client.get_experiment_by_name(project_cost.EXPERIMENT).experiment_id],
+                                  f"attributes.run_id != '{old.info.run_id}'"):
         m, r = run.data.metrics, measured[tuple(run.data.tags[k] for k in ("method", "adapter", "precision"))]
         assert r["train_once_s"] + r["step_s"] * (int(run.data.params["max_steps"]) - 1) == pytest.approx(
             m["time/train_s"])

@@ -272,17 +272,27 @@ def test_chunked_log_probs_equal_the_full_logits_ones(tiny_model, monkeypatch):
     assert not torch.allclose(chunked, reference, atol=1e-3)
 
 
-def test_free_memory_keeps_the_gpu_cache_only_when_asked(monkeypatch):
-    """ALIGNSWEEP_KEEP_GPU_CACHE=1 (bench/packing.py --mode packed-keep-cache): no empty_cache between trials."""
+def test_the_gpu_cache_is_kept_through_a_trial_only_when_asked(runs, tiny_model, monkeypatch):
+    """ALIGNSWEEP_KEEP_GPU_CACHE=1 (bench/packing.py --mode packed-keep-cache): torch's empty_cache does nothing
+    during the trial (accelerate calls it at every train() start, free_memory after the trial); restored after."""
     import torch
+    from transformers import TrainerCallback
 
     from trainables import trial
 
     emptied = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
-    monkeypatch.delenv(trial.KEEP_GPU_CACHE, raising=False)
-    trial.free_memory()
+    empty_cache = lambda: emptied.append(1)  # noqa: E731
+
+    class EmptyAtStart(TrainerCallback):  # what accelerate's free_memory does at train() start on a GPU
+        def on_train_begin(self, *args, **kwargs):
+            torch.cuda.empty_cache()
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
     monkeypatch.setenv(trial.KEEP_GPU_CACHE, "1")
-    trial.free_memory()
+    trial.run_trial(tiny_trial(method="sft"), "a", runs, exp, callbacks=[EmptyAtStart()])
+    assert emptied == [] and torch.cuda.empty_cache is empty_cache
+    monkeypatch.delenv(trial.KEEP_GPU_CACHE)
+    trial.run_trial(tiny_trial(method="sft"), "b", runs, exp, callbacks=[EmptyAtStart()])
     assert emptied == [1]
