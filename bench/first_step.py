@@ -1,5 +1,5 @@
 """Where a trial's start -> first optimizer step goes, on one warm worker: trials run one after another in this
-process (as a reused Ray worker runs them), each kind twice, profiled until its first step ends.
+process (as a reused Ray worker runs them), each kind --repeat times (2), optionally profiled (--profile).
 
     python bench/first_step.py                                   # local profile's kinds (SmolLM2 on a GPU)
     python bench/first_step.py --kinds dpo-lora-bf16 cita-lora-bf16 --repeat 3
@@ -19,6 +19,7 @@ import contextlib
 import cProfile
 import datetime
 import io
+import os
 import platform
 import pstats
 import statistics
@@ -62,10 +63,8 @@ def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
 
 def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = False, profile_over: float = 3.0,
         keep_cache: bool = False, model: str | None = None) -> list[dict]:
-    import torch
-
     from trainables import tracking
-    from trainables.trial import run_trial
+    from trainables.trial import KEEP_GPU_CACHE, run_trial
 
     configs = kind_configs(steps, n_eval, model)
     unknown = sorted(set(kinds) - set(configs))
@@ -73,7 +72,7 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
         raise SystemExit(f"--kinds {' '.join(unknown)}: allowed values: {', '.join(configs)}")
     rows = []
     with tempfile.TemporaryDirectory() as store, \
-            mock.patch.object(torch.cuda, "empty_cache", lambda: None) if keep_cache else contextlib.nullcontext():
+            mock.patch.dict(os.environ, {KEEP_GPU_CACHE: "1"}) if keep_cache else contextlib.nullcontext():
         uri = f"sqlite:///{store}/mlflow.db"
         client = tracking.client(uri)
         experiment = tracking.ensure_experiment(client, "first-step")
@@ -125,14 +124,14 @@ def main():
     ap.add_argument("--kinds", nargs="+", default=None, help="method-adapter-precision names (default: all the "
                     "local profile's, e.g. sft-lora-bf16 dpo-grit-nf4)")
     ap.add_argument("--repeat", type=int, default=2, help="trials of each kind, one after another")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--n-eval", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps per trial")
+    ap.add_argument("--n-eval", type=int, default=8, help="held-out pairs each trial scores (no generations)")
     ap.add_argument("--model", default=None, help="model id or local checkpoint (default: the local profile's)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the slow trials' start")
     ap.add_argument("--profile-over", type=float, default=3.0, help="seconds to the first step above which a "
                     "trial's profile is printed")
-    ap.add_argument("--keep-allocator-cache", action="store_true", help="experiment: torch.cuda.empty_cache "
-                    "does nothing, so a trial reuses the previous trial's cached GPU memory")
+    ap.add_argument("--keep-allocator-cache", action="store_true", help="experiment: ALIGNSWEEP_KEEP_GPU_CACHE=1 "
+                    "(trainables/trial.py): a trial reuses the previous trial's cached GPU memory")
     ap.add_argument("--bench-file", default=None, help="append the table here (e.g. BENCHMARKS.md)")
     a = ap.parse_args()
     import torch
