@@ -93,7 +93,8 @@ def run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, override
     from trainables.trial import KEEP_GPU_CACHE
 
     # Ray's local workers inherit this process's environment (ray.init starts them from here)
-    keep = mock.patch.dict(os.environ, {KEEP_GPU_CACHE: "1"}) if mode == "packed-keep-cache" else contextlib.nullcontext()
+    keep = (mock.patch.dict(os.environ, {KEEP_GPU_CACHE: "1"}) if mode == "packed-keep-cache"
+            else contextlib.nullcontext())
     with mps_daemon(mode == "packed-mps"), keep:
         return _run_mode(mode, gpus, seeds, cpus_per_gpu, overrides)
 

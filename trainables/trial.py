@@ -238,8 +238,8 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
     logger = tracking.step_logger(client, run_id, report, extra_metrics)
     with tempfile.TemporaryDirectory() as workdir:
         try:
-            model, _, items, metrics, step = train_and_evaluate(cfg, workdir, [logger, *callbacks], attach_adapter_extras,
-                                                                started)
+            model, _, items, metrics, step = train_and_evaluate(cfg, workdir, [logger, *callbacks],
+                                                                attach_adapter_extras, started)
         finally:
             logger.flush()  # the failed attempt's steps too
         metrics.update(extra_metrics(), **extra)
