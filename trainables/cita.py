@@ -7,7 +7,9 @@ Pairs are DPO pairs whose prompt carries the alignment instruction in the system
 
 The contrastive term has no reference (unlike DPO); the second is the research's sequence-level KL proxy
 (`cita_anchor: seq_kl`; `none` drops it). TRL 1.x folded the loss into one `_compute_loss`; we override that
-method and reuse TRL's batching, reference pass (`compute_ref_log_probs`, adapters disabled) and logging.
+method and reuse TRL's batching, reference pass (`compute_ref_log_probs`) and logging. The reference is TRL's:
+given a PeftModel, TRL 1.16 adds a frozen copy of the fresh adapter ("ref"), which equals the base model because
+LoRA starts with B = 0 (the same values as the adapter disabled, at the cost of its matmuls).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""DPO: TRL's sigmoid loss against the frozen base (the adapter disabled) as reference."""
+"""DPO: TRL's sigmoid loss against the frozen base model as reference. Given a PeftModel, TRL 1.16 computes it
+with a frozen copy of the fresh adapter ("ref"), which equals the base because LoRA starts with B = 0."""
 from __future__ import annotations
 
 from trainables.config import TrialConfig
