@@ -43,17 +43,6 @@ def kind_configs(steps: int, n_eval: int, model: str | None = None) -> dict[str,
             | ({"model": model} if model else {}) for kind, c in local_kinds().items()}
 
 
-def _profile_until_first_step(profiler: cProfile.Profile):
-    from transformers import TrainerCallback
-
-    class StopAtFirstStep(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                profiler.disable()
-
-    return StopAtFirstStep()
-
-
 def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(sort).print_stats(lines)
@@ -63,8 +52,14 @@ def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
 
 def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = False, profile_over: float = 3.0,
         keep_cache: bool = False, model: str | None = None) -> list[dict]:
+    from grit_speed import callback
+
     from trainables import tracking
     from trainables.trial import KEEP_GPU_CACHE, run_trial
+
+    def disable_after_step_1(state):
+        if state.global_step == 1:
+            profiler.disable()
 
     configs = kind_configs(steps, n_eval, model)
     unknown = sorted(set(kinds) - set(configs))
@@ -83,7 +78,7 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
                     profiler.enable()
                 try:
                     m = run_trial(configs[kind], f"{kind}#{i}", uri, experiment,
-                                  callbacks=[_profile_until_first_step(profiler)] if profiler else [])
+                                  callbacks=[callback(on_step_end=disable_after_step_1)] if profiler else [])
                 finally:
                     if profiler:
                         profiler.disable()
@@ -139,11 +134,9 @@ def main():
     kinds = a.kinds or list(kind_configs(a.steps, a.n_eval))
     rows = run(kinds, a.repeat, a.steps, a.n_eval, a.profile, a.profile_over, a.keep_allocator_cache, a.model)
     machine = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU") + f", {platform.node()}"
-    text = section(rows, "python bench/first_step.py " + " ".join(sys.argv[1:]), machine)
-    print(text)
-    if a.bench_file:
-        with open(a.bench_file, "a") as fh:
-            fh.write(text)
+    from grit_speed import publish
+
+    publish(section(rows, "python bench/first_step.py " + " ".join(sys.argv[1:]), machine), a.bench_file)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,15 @@ def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def publish(text: str, bench_file: str | None) -> None:
+    """Print a benchmark's section and append it to the benchmarks file, if one is named (every bench/ script)."""
+    print(text, flush=True)
+    if bench_file:
+        with open(bench_file, "a") as fh:
+            fh.write(text)
+        log(f"appended to {bench_file}")
+
+
 class Interrupted(BaseException):
     """SIGTERM arrived (`timeout`, a scheduler): stop measuring, report what was measured."""
 
@@ -519,13 +528,7 @@ def main():
             del base
     except Interrupted as e:
         mark_interrupted(results, a.cases, e)
-    table = report(results, a, device, config)
-    print(table, flush=True)
-    target = a.bench_file or (None if a.tiny else str(ROOT / "BENCHMARKS.md"))
-    if target:
-        with open(target, "a") as f:
-            f.write(table)
-        log(f"appended to {target}")
+    publish(report(results, a, device, config), a.bench_file or (None if a.tiny else str(ROOT / "BENCHMARKS.md")))
     log(f"done in {time.time() - started:.0f} s")
 
 

@@ -230,7 +230,7 @@ def local_trial_config(case: str):
 def scaling_worker(case: str, steps: int, rank: int, barrier: Path) -> None:
     """One process of a scaling row: build the trainer, wait at the barrier, train, print per-step end times."""
     import torch
-    from transformers import TrainerCallback
+    from grit_speed import callback
 
     from trainables import trial
 
@@ -238,13 +238,8 @@ def scaling_worker(case: str, steps: int, rank: int, barrier: Path) -> None:
     cfg = local_trial_config(case)
     cfg = cfg.model_copy(update={"max_steps": steps, "seed": cfg.seed + rank})
     ends = []
-
-    class StepEnds(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
-
     with tempfile.TemporaryDirectory() as workdir:
-        trainer, _, _ = trial.prepare(cfg, workdir, [StepEnds()])
+        trainer, _, _ = trial.prepare(cfg, workdir, [callback(on_step_end=lambda _: ends.append(time.perf_counter()))])
         (barrier / f"ready-{rank}").touch()
         while not (barrier / "go").exists():
             time.sleep(0.01)
@@ -313,14 +308,9 @@ def command_line() -> str:
     return "python bench/packing.py " + " ".join(sys.argv[1:])
 
 
-def publish(text: str, bench_file: str) -> None:
-    """Print a section and append it to the benchmarks file."""
-    print(text)
-    with open(bench_file, "a") as fh:
-        fh.write(text)
-
-
 def main():
+    from grit_speed import publish
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", nargs="+", choices=["per-gpu", "packed", "packed-keep-cache", "packed-mps"], default=["per-gpu", "packed"])
     ap.add_argument("--scaling", type=int, nargs="+", metavar="N",

@@ -203,11 +203,10 @@ def project(tracking_uri: str | None, bench_file: str, profile_name: str = "lamb
         lines.append(f"- Not in the total: a worker's cold start, paid once at its first trial (the warm-up trial: "
                      f"{cold:.0f} s with its short training and evaluation).")
     lines.append("")
+    from grit_speed import publish
+
     text = "\n".join(lines)
-    print(text)
-    if bench_file:
-        with open(bench_file, "a") as fh:
-            fh.write(text)
+    publish(text, bench_file)
     return text
 
 

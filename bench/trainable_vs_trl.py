@@ -100,7 +100,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from grit_speed import Interrupted, abba_blocks, log, mark_interrupted, report_on_sigterm  # noqa: E402
+from grit_speed import Interrupted, abba_blocks, log, mark_interrupted, publish, report_on_sigterm  # noqa: E402
 from trainables.trial import free_memory  # noqa: E402
 
 METHODS = ("sft", "dpo", "cita")
@@ -917,12 +917,9 @@ def main():
     except Interrupted as e:
         mark_interrupted(results, a.cases, e)
 
-    table = (planner_report if a.planner else report)(results, a)
-    print(table, flush=True)
-    target = a.bench_file or (os.path.join(env.tmp, "BENCHMARKS.md") if a.tiny else str(ROOT / "BENCHMARKS.md"))
-    with open(target, "a") as f:
-        f.write(table)
-    log(f"appended to {target}; done in {time.time() - started:.0f} s")
+    publish((planner_report if a.planner else report)(results, a),
+            a.bench_file or (os.path.join(env.tmp, "BENCHMARKS.md") if a.tiny else str(ROOT / "BENCHMARKS.md")))
+    log(f"done in {time.time() - started:.0f} s")
     if not a.tiny:  # the MLflow store and empty output dirs; the 8B checkpoint stays for the next call
         import shutil
         shutil.rmtree(env.tmp, ignore_errors=True)
