@@ -49,7 +49,8 @@ step tvt-smollm2 660 python bench/trainable_vs_trl.py --shape smollm2 --cases dp
                      --steps 40 --block 1 --control --bench-file "$ADD"
 # Trial start -> first step on one warm worker (target <= 5 s), every kind; then profiled (cProfile slows the
 # Python-heavy setup: where the seconds go, not clean times).
-step first-step  400 python bench/first_step.py --bench-file "$ADD"
+# FIRST_STEP_KINDS narrows it (e.g. the kinds not yet measured clean).
+step first-step  400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
 step first-step-profile 400 python bench/first_step.py --kinds sft-lora-bf16 dpo-lora-bf16 dpo-grit-nf4 --profile
 # The projected cost of the study again, now with a warm-up trial taking the process's cold start: the random 8B
 # checkpoint (kept from an earlier step on this VM), one short calibration trial per method x adapter x
