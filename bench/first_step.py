@@ -4,6 +4,7 @@ process (as a reused Ray worker runs them), each kind --repeat times (2), option
     python bench/first_step.py                                   # local profile's kinds (SmolLM2 on a GPU)
     python bench/first_step.py --kinds dpo-lora-bf16 cita-lora-bf16 --repeat 3
     python bench/first_step.py --keep-allocator-cache            # experiment: no empty_cache between trials
+    python bench/first_step.py --threads 1                       # torch threads as in a Ray trial of 1 CPU
 
 Each trial is a real `run_trial` (MLflow run in a temporary store, the local profile's config of the multi-seed
 study, a few steps, no generations). Per trial: the step clock (trainables.trial._step_clock: before the first
@@ -51,7 +52,7 @@ def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
 
 
 def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = False, profile_over: float = 3.0,
-        keep_cache: bool = False, model: str | None = None) -> list[dict]:
+        keep_cache: bool = False, model: str | None = None, threads: int | None = None) -> list[dict]:
     from grit_speed import callback
 
     from trainables import tracking
@@ -77,7 +78,7 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
                 if profiler:
                     profiler.enable()
                 try:
-                    m = run_trial(configs[kind], f"{kind}#{i}", uri, experiment,
+                    m = run_trial(configs[kind], f"{kind}#{i}", uri, experiment, threads=threads,
                                   callbacks=[callback(on_step_end=disable_after_step_1)] if profiler else [])
                 finally:
                     if profiler:
@@ -127,12 +128,15 @@ def main():
                     "trial's profile is printed")
     ap.add_argument("--keep-allocator-cache", action="store_true", help="experiment: ALIGNSWEEP_KEEP_GPU_CACHE=1 "
                     "(trainables/trial.py): a trial reuses the previous trial's cached GPU memory")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per trial, as a Ray worker sets them "
+                    "(the local GPU profile: 1 CPU per trial, so 1); default: torch's own")
     ap.add_argument("--bench-file", default=None, help="append the table here (e.g. BENCHMARKS.md)")
     a = ap.parse_args()
     import torch
 
     kinds = a.kinds or list(kind_configs(a.steps, a.n_eval))
-    rows = run(kinds, a.repeat, a.steps, a.n_eval, a.profile, a.profile_over, a.keep_allocator_cache, a.model)
+    rows = run(kinds, a.repeat, a.steps, a.n_eval, a.profile, a.profile_over, a.keep_allocator_cache, a.model,
+               a.threads)
     machine = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU") + f", {platform.node()}"
     from grit_speed import publish
 

@@ -41,16 +41,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
 step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed packed-keep-cache} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
+# Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it); then
+# with one torch thread, as a Ray trial of the local GPU profile runs (its warm first step took 5.6 s in the
+# per-GPU sweep, step 1 alone 3.0 s, against 2.9 s and ~0.6 s here, 2026-11-23); then profiled further below.
+step first-step  400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
+step first-step-1thread 400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 \
+                     --bench-file "$ADD"
 # The 8B rows not settled at <= 1.02, each with its A/A control (the noise floor).
 step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases sft-nf4 dpo-nf4 --steps 30 --block 1 --control \
                      --bench-file "$ADD"
 # The SmolLM2 rows that failed <= 1.02 on 2026-11-23, again, with the A/A control.
 step tvt-smollm2 660 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 sft-nf4 dpo-nf4 cita-nf4 \
                      --steps 40 --block 1 --control --bench-file "$ADD"
-# Trial start -> first step on one warm worker (target <= 5 s), every kind; then profiled (cProfile slows the
-# Python-heavy setup: where the seconds go, not clean times).
-# FIRST_STEP_KINDS narrows it (e.g. the kinds not yet measured clean).
-step first-step  400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
+# cProfile slows the Python-heavy setup: where the seconds go, not clean times.
 step first-step-profile 400 python bench/first_step.py --kinds sft-lora-bf16 dpo-lora-bf16 dpo-grit-nf4 --profile
 # The projected cost of the study again, now with a warm-up trial taking the process's cold start: the random 8B
 # checkpoint (kept from an earlier step on this VM), one short calibration trial per method x adapter x

@@ -38,8 +38,9 @@ trainers' arguments and LoRA configs field by field and notes any difference und
   (The logger is wrapped to also time its on_log; the notes give its ms/step.)
 - Bare TRL: written without trainables/ (only the SmolLM2 path comes from trainables.models): from_pretrained
   (+ BitsAndBytesConfig NF4 / double quant / bf16 compute for nf4) + peft.get_peft_model + SFTConfig/SFTTrainer
-  (completion_only_loss) or DPOConfig/DPOTrainer (sigmoid, beta 0.1, reference = adapter disabled), configured by
-  hand with the same values, report_to="none"; PrinterCallback removed as the trainable does (stdout noise only).
+  (completion_only_loss) or DPOConfig/DPOTrainer given the LoraConfig (sigmoid, beta 0.1, reference = adapter
+  disabled), configured by hand with the same values, report_to="none"; PrinterCallback removed as the trainable
+  does (stdout noise only).
 - CITA has no bare-TRL trainer: cita-* rows compare the project's CITA trainer with bare DPOTrainer.
 
 HOW TIME IS MEASURED. Both trainers are resident at once and run their real train() loops, each in its own thread,
@@ -300,8 +301,8 @@ def build_bare(method, precision, ckpt: Path, ds, seq, micro_batch, grad_accum, 
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(ckpt, **kwargs)
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
-                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none", target_modules=TARGETS,
+                      task_type="CAUSAL_LM")
     common = dict(output_dir=tempfile.mkdtemp(prefix="tvt_bare_", dir=tmp), max_steps=max_steps, learning_rate=LR,
                   per_device_train_batch_size=micro_batch, gradient_accumulation_steps=grad_accum,
                   warmup_steps=LR_WARMUP, weight_decay=WEIGHT_DECAY, lr_scheduler_type="linear", optim="adamw_torch",
@@ -310,11 +311,11 @@ def build_bare(method, precision, ckpt: Path, ds, seq, micro_batch, grad_accum, 
                   gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none", save_strategy="no",
                   disable_tqdm=True, dataloader_num_workers=0)
     if method == "sft":
-        trainer = SFTTrainer(model=model, args=SFTConfig(completion_only_loss=True, **common), train_dataset=ds,
-                             processing_class=tok)
-    else:
-        trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(beta=BETA, loss_type=["sigmoid"], **common),
+        trainer = SFTTrainer(model=get_peft_model(model, lora), args=SFTConfig(completion_only_loss=True, **common),
                              train_dataset=ds, processing_class=tok)
+    else:  # the config, not a PeftModel: TRL's reference is then the adapter disabled (as documented for LoRA)
+        trainer = DPOTrainer(model=model, ref_model=None, args=DPOConfig(beta=BETA, loss_type=["sigmoid"], **common),
+                             train_dataset=ds, processing_class=tok, peft_config=lora)
     trainer.remove_callback(PrinterCallback)
     return trainer
 

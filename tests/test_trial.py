@@ -245,6 +245,31 @@ def test_accumulation_is_equivalent_to_a_bigger_micro_batch(method, tiny_model, 
         assert other == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("method", ["dpo", "cita"])
+def test_the_reference_is_the_base_model_with_no_adapter_copy(method, tiny_model, tmp_path):
+    """DPO/CITA hand TRL the LoRA config, so TRL's reference pass runs with the adapter disabled: no frozen "ref"
+    copy of the adapter (setup time, a LoRA pass per reference forward, a second adapter in the saved artifact).
+    With a trained adapter (B != 0) the reference log-probs are the base model's, not the policy's."""
+    import torch
+
+    from trainables.trial import prepare
+
+    trainer, _, _ = prepare(TrialConfig(**tiny_trial(method=method)), str(tmp_path))
+    model = trainer.model
+    assert list(model.peft_config) == ["default"]
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with torch.no_grad():
+        reference = trainer.compute_ref_log_probs(model, batch)
+        with model.disable_adapter():
+            base = trainer.compute_ref_log_probs(model, batch)  # inside, nothing more to disable
+    assert all(torch.equal(r, b) for r, b in zip(reference, base))
+    model.save_pretrained(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "ref").exists()
+
+
 def test_chunked_log_probs_equal_the_full_logits_ones(tiny_model, monkeypatch):
     """Evaluation scores through the LM head a chunk of positions at a time; the log-probs are those of the
     model's own logits, with the adapter on, and differ with it off."""

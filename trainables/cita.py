@@ -7,15 +7,15 @@ Pairs are DPO pairs whose prompt carries the alignment instruction in the system
 
 The contrastive term has no reference (unlike DPO); the second is the research's sequence-level KL proxy
 (`cita_anchor: seq_kl`; `none` drops it). TRL 1.x folded the loss into one `_compute_loss`; we override that
-method and reuse TRL's batching, reference pass (`compute_ref_log_probs`) and logging. The reference is TRL's:
-given a PeftModel, TRL 1.16 adds a frozen copy of the fresh adapter ("ref"), which equals the base model because
-LoRA starts with B = 0 (the same values as the adapter disabled, at the cost of its matmuls).
+method and reuse TRL's batching, reference pass (`compute_ref_log_probs`) and logging. The reference is the base
+model: TRL adds the adapter from `peft_config` and runs the reference pass with it disabled (trainables/lora.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from trainables import lora
 from trainables.config import TrialConfig
 from trainables.training_args import trl_args
 
@@ -79,5 +79,5 @@ def build_trainer(cfg: TrialConfig, model, tokenizer, train_ds, output_dir: str,
 
     args = trl_args(cfg, DPOConfig, output_dir, beta=cfg.beta)
     return _trainer_class()(model=model, ref_model=None, args=args, train_dataset=train_ds,
-                            processing_class=tokenizer, callbacks=list(callbacks),
+                            processing_class=tokenizer, callbacks=list(callbacks), peft_config=lora.peft_config(cfg),
                             lambda_kl=cfg.lambda_kl, anchor=cfg.cita_anchor)

@@ -1,6 +1,7 @@
 """SFT: supervised fine-tuning on the chosen responses (loss on completion tokens only)."""
 from __future__ import annotations
 
+from trainables import lora
 from trainables.config import TrialConfig
 from trainables.training_args import trl_args
 
@@ -9,5 +10,5 @@ def build_trainer(cfg: TrialConfig, model, tokenizer, train_ds, output_dir: str,
     from trl import SFTConfig, SFTTrainer
 
     args = trl_args(cfg, SFTConfig, output_dir, completion_only_loss=True)
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+    return SFTTrainer(model=lora.attach(model, cfg), args=args, train_dataset=train_ds, processing_class=tokenizer,
                       callbacks=list(callbacks))

@@ -32,7 +32,7 @@ class TrainingOOM(RuntimeError):
 
 
 def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
-    """Seeded base model at precision + adapter + the method's TRL trainer, ready to train (bench/ times this
+    """Seeded base model at precision + the method's TRL trainer with the adapter, ready to train (bench/ times this
     too). `train_ds` replaces the config's data (already in TRL's format). Returns (trainer, tokenizer, held_out)."""
     from transformers import PrinterCallback, set_seed
 
@@ -42,7 +42,8 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
     if train_ds is None:
         train_ds = data.cached_trl(train_raw, cfg.template, tokenizer, cfg.method, cache_root() / "trl_datasets",
                                    max_prompt_tokens=cfg.max_prompt_length)
-    model = lora.attach(precision.load_model(cfg), cfg)
+    model = precision.load_model(cfg)
+    lora.check_targets(model, cfg)
     trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)
     trainer.remove_callback(PrinterCallback)  # metrics go to MLflow and Tune, not as dicts on stdout
     return trainer, tokenizer, held_out
