@@ -3,8 +3,8 @@ process (as a reused Ray worker runs them), each kind --repeat times (2), option
 
     python bench/first_step.py                                   # local profile's kinds (SmolLM2 on a GPU)
     python bench/first_step.py --kinds dpo-lora-bf16 cita-lora-bf16 --repeat 3
-    python bench/first_step.py --keep-allocator-cache            # experiment: no empty_cache between trials
     python bench/first_step.py --threads 1                       # torch threads as in a Ray trial of 1 CPU
+    python bench/first_step.py --in-thread                       # a thread per trial, as Ray Tune runs it
 
 Each trial is a real `run_trial` (MLflow run in a temporary store, the local profile's config of the multi-seed
 study, a few steps, no generations). Per trial: the step clock (trainables.trial._step_clock: before the first
@@ -16,18 +16,18 @@ that waits for the device shows the wait as its own time). Appends a table to --
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import datetime
+import functools
 import io
-import os
 import platform
 import pstats
+import queue
 import statistics
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,11 +52,11 @@ def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
 
 
 def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = False, profile_over: float = 3.0,
-        keep_cache: bool = False, model: str | None = None, threads: int | None = None) -> list[dict]:
+        model: str | None = None, threads: int | None = None, in_thread: bool = False) -> list[dict]:
     from grit_speed import callback
 
     from trainables import tracking
-    from trainables.trial import KEEP_GPU_CACHE, run_trial
+    from trainables.trial import run_trial
 
     def disable_after_step_1(state):
         if state.global_step == 1:
@@ -67,8 +67,7 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
     if unknown:
         raise SystemExit(f"--kinds {' '.join(unknown)}: allowed values: {', '.join(configs)}")
     rows = []
-    with tempfile.TemporaryDirectory() as store, \
-            mock.patch.dict(os.environ, {KEEP_GPU_CACHE: "1"}) if keep_cache else contextlib.nullcontext():
+    with tempfile.TemporaryDirectory() as store:
         uri = f"sqlite:///{store}/mlflow.db"
         client = tracking.client(uri)
         experiment = tracking.ensure_experiment(client, "first-step")
@@ -78,8 +77,10 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
                 if profiler:
                     profiler.enable()
                 try:
-                    m = run_trial(configs[kind], f"{kind}#{i}", uri, experiment, threads=threads,
-                                  callbacks=[callback(on_step_end=disable_after_step_1)] if profiler else [])
+                    trial = functools.partial(run_trial, configs[kind], f"{kind}#{i}", uri, experiment,
+                                              threads=threads, callbacks=[callback(on_step_end=disable_after_step_1)]
+                                              if profiler else [])
+                    m = in_a_thread_as_ray_runs_it(trial) if in_thread else trial()
                 finally:
                     if profiler:
                         profiler.disable()
@@ -95,6 +96,34 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
                 if profiler and row["to_first_s"] > profile_over:
                     print(_stats(profiler, "cumulative", 30), _stats(profiler, "tottime", 15), sep="\n", flush=True)
     return rows
+
+
+def in_a_thread_as_ray_runs_it(trial) -> dict:
+    """Run `trial(report=...)` as a reused Ray Tune worker does (ray/train/_internal/session.py): in a new thread
+    per trial, each report handed to this (main) thread, the trial's thread blocked until it is taken."""
+    results, taken, out = queue.Queue(1), threading.Semaphore(0), {}
+
+    def report(metrics):
+        results.put(metrics)
+        taken.acquire()
+
+    def target():
+        try:
+            out["metrics"] = trial(report=report)
+        except BaseException as err:  # re-raised in the main thread
+            out["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        try:
+            results.get(timeout=0.1)
+            taken.release()
+        except queue.Empty:
+            pass
+    if "error" in out:
+        raise out["error"]
+    return out["metrics"]
 
 
 def section(rows: list[dict], command: str, machine: str) -> str:
@@ -126,17 +155,19 @@ def main():
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the slow trials' start")
     ap.add_argument("--profile-over", type=float, default=3.0, help="seconds to the first step above which a "
                     "trial's profile is printed")
-    ap.add_argument("--keep-allocator-cache", action="store_true", help="experiment: ALIGNSWEEP_KEEP_GPU_CACHE=1 "
-                    "(trainables/trial.py): a trial reuses the previous trial's cached GPU memory")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per trial, as a Ray worker sets them "
                     "(the local GPU profile: 1 CPU per trial, so 1); default: torch's own")
+    ap.add_argument("--in-thread", action="store_true", help="each trial in a new thread, its reports handed to "
+                    "the main thread, as a Ray Tune worker runs it (not with --profile, which sees one thread)")
     ap.add_argument("--bench-file", default=None, help="append the table here (e.g. BENCHMARKS.md)")
     a = ap.parse_args()
+    if a.in_thread and a.profile:
+        ap.error("--in-thread and --profile: cProfile sees only the thread it started in; choose one")
     import torch
 
     kinds = a.kinds or list(kind_configs(a.steps, a.n_eval))
-    rows = run(kinds, a.repeat, a.steps, a.n_eval, a.profile, a.profile_over, a.keep_allocator_cache, a.model,
-               a.threads)
+    rows = run(kinds, a.repeat, a.steps, a.n_eval, a.profile, a.profile_over, a.model,
+               a.threads, a.in_thread)
     machine = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU") + f", {platform.node()}"
     from grit_speed import publish
 

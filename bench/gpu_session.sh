@@ -30,23 +30,27 @@ step() {  # step NAME SECONDS CMD...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS/gpu.txt" 2>&1
 
-# Order for a 30-device-minute session (staging + install take ~1 min on a warm VM, ~4 with a cold start):
-# issue 6's open rows first. Measured already (BENCHMARKS.md, 2026-11-23): GRIT all four cases (issue 3, closed),
-# tvt on 8B (all six cases) and SmolLM2, the planner, packing without Ray (--scaling), the packed sweep rows (the
-# per-GPU baseline only in part, on another VM), the first step on a warm worker alone (PASS) and the study's
-# projected cost (once, its first kind carrying the cold start). VMs differ by up to 40% in speed: compare rows
-# of one run only. The list is about two sessions long: later ones run with SKIP= naming what finished.
-# Packing: the per-GPU baseline in full (12 trials, ~11 min), packed (36 trials, ~4.5 min) and packed with the
-# workers' allocator cache kept (the warm first step under packing: 7.9 s, FAIL), one VM, one results file.
+# Order for a 30-device-minute session (staging + install take ~1 min on a warm VM, ~4 with a cold start).
+# Measured already (BENCHMARKS.md, 2026-11-23/24): GRIT all four cases (issue 3, closed), tvt on 8B (all six
+# cases) and SmolLM2 (with A/A controls), the planner, packing without Ray (--scaling), the packed sweep against
+# one trial per GPU on one VM (7.9x), the first step on a warm worker alone (PASS, every kind) and in a per-GPU
+# sweep (4.3 s median), the study's projected cost (once, its first kind carrying the cold start). Open: why a
+# Ray trial's first step takes 2.8 s against 0.3-0.6 s alone (first-step --in-thread), tvt-8b-nf4 since the
+# reference became the adapter disabled, the cost re-run. VMs differ by up to 40% in speed: compare rows of one
+# run only. Later sessions run with SKIP= naming what finished.
+# Packing: the per-GPU baseline in full (12 trials, ~11 min) and packed (36 trials, ~4.5 min), one VM, one file.
 # packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
-step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed packed-keep-cache} --seeds 1 \
+step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it); then
-# with one torch thread, as a Ray trial of the local GPU profile runs (its warm first step took 5.6 s in the
-# per-GPU sweep, step 1 alone 3.0 s, against 2.9 s and ~0.6 s here, 2026-11-23); then profiled further below.
+# with one torch thread, as a Ray trial of the local GPU profile runs (no change, 2026-11-24), and in a thread per
+# trial whose reports the main thread takes, as Ray Tune runs it (in a per-GPU sweep step 1 took 2.8 s against
+# 0.3-0.6 s here, 2026-11-24); then profiled further below.
 step first-step  400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
 step first-step-1thread 400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 \
                      --bench-file "$ADD"
+step first-step-in-thread 400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 \
+                     --in-thread --bench-file "$ADD"
 # The 8B rows not settled at <= 1.02, each with its A/A control (the noise floor).
 step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases sft-nf4 dpo-nf4 --steps 30 --block 1 --control \
                      --bench-file "$ADD"

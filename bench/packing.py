@@ -14,8 +14,6 @@ and utilization (nvidia-smi, once a second).
 - packed: the profile's packing, each trial's GPU share sized by the memory planner (trainables/memory.py).
 - packed-mps: the same under NVIDIA's Multi-Process Service (a private control daemon this script starts and
   stops), which lets the kernels of the packed trials' processes run concurrently instead of time-sliced.
-- packed-keep-cache: packed, with the workers' GPU caching allocator kept between trials (no empty_cache;
-  trainables/trial.py ALIGNSWEEP_KEEP_GPU_CACHE): an experiment on the warm first step under packing.
 --scaling N...: where packing loses time, without Ray or evaluation: N processes train the same trial's config at
 once on GPU 0 (after a common start barrier); aggregate optimizer steps/s against one process alone.
 Ratios are computed between rows of one results file (`--results`, JSON lines; rows accumulate across calls,
@@ -90,12 +88,7 @@ def mps_daemon(enabled: bool = True):
 
 
 def run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrides: list[str]) -> dict:
-    from trainables.trial import KEEP_GPU_CACHE
-
-    # Ray's local workers inherit this process's environment (ray.init starts them from here)
-    keep = (mock.patch.dict(os.environ, {KEEP_GPU_CACHE: "1"}) if mode == "packed-keep-cache"
-            else contextlib.nullcontext())
-    with mps_daemon(mode == "packed-mps"), keep:
+    with mps_daemon(mode == "packed-mps"):
         return _run_mode(mode, gpus, seeds, cpus_per_gpu, overrides)
 
 
@@ -188,7 +181,7 @@ def section(rows: list[dict], command: str) -> str:
                      f"{r['gpu_util_mean']:.0f} | {r['machine']} |")
     ratios = []
     per_gpu = find("per-gpu", 1)
-    for mode in ("packed", "packed-keep-cache", "packed-mps"):
+    for mode in ("packed", "packed-mps"):
         one, two = find(mode, 1), find(mode, 2)
         if per_gpu and one:
             x = one["trials_per_hour"] / per_gpu["trials_per_hour"]
@@ -312,7 +305,7 @@ def main():
     from grit_speed import publish
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", nargs="+", choices=["per-gpu", "packed", "packed-keep-cache", "packed-mps"], default=["per-gpu", "packed"])
+    ap.add_argument("--mode", nargs="+", choices=["per-gpu", "packed", "packed-mps"], default=["per-gpu", "packed"])
     ap.add_argument("--scaling", type=int, nargs="+", metavar="N",
                     help="instead of sweeps: N processes training at once (no Ray), for each N given")
     ap.add_argument("--mps", choices=["off", "on", "both"], default="both", help="--scaling: with MPS, without, both")

@@ -243,6 +243,30 @@ def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_
         first_step.run(["nope"], 1, 2, 2, model="tiny-random")
 
 
+def test_first_step_in_thread_runs_each_trial_in_its_own_thread_and_takes_its_reports():
+    """--in-thread, as Ray Tune runs a trial: a new thread per trial, every report taken by the main thread
+    (the trial's thread waits until it is), the trial's metrics returned, its error re-raised here."""
+    import threading
+
+    import first_step
+
+    seen = []
+
+    def trial(report):
+        seen.append(threading.current_thread() is not threading.main_thread())
+        for step in range(3):
+            report({"step": step})  # would block for ever if nothing took it
+        return {"done": 1.0}
+
+    assert first_step.in_a_thread_as_ray_runs_it(trial) == {"done": 1.0} and seen == [True]
+
+    def failing(report):
+        raise ValueError("bad trial")
+
+    with pytest.raises(ValueError, match="bad trial"):
+        first_step.in_a_thread_as_ray_runs_it(failing)
+
+
 def test_project_cost_gives_a_random_checkpoint_a_real_tokenizer_and_generation_works(runs, tmp_path):
     """bench/'s random-weights checkpoints carry a word-level tokenizer: real text becomes <unk> and generation's
     stop strings fail on it (the 8B calibration of 2026-11-23 failed so). The view keeps the weights, links not
@@ -271,18 +295,3 @@ def test_project_cost_gives_a_random_checkpoint_a_real_tokenizer_and_generation_
            "n_train": 16, "n_eval": 2, "max_steps": 1, "micro_batch": 1, "eval": {"n_generate": 1, "max_new_tokens": 4}}
     metrics = run_trial(cfg, "a", runs, tracking.ensure_experiment(tracking.client(runs), "t"))
     assert metrics["eval/n_generated"] == 1
-
-
-def test_packing_keep_cache_mode_hands_the_setting_to_the_sweeps_workers(monkeypatch):
-    """--mode packed-keep-cache: the sweep (and the Ray workers it starts, which inherit the environment) runs
-    with ALIGNSWEEP_KEEP_GPU_CACHE=1; other modes without it."""
-    import os
-
-    import packing
-
-    from trainables.trial import KEEP_GPU_CACHE
-
-    monkeypatch.delenv(KEEP_GPU_CACHE, raising=False)
-    monkeypatch.setattr(packing, "_run_mode", lambda *args: os.environ.get(KEEP_GPU_CACHE))
-    assert packing.run_mode("packed-keep-cache", 1, [1], 16, []) == "1"
-    assert packing.run_mode("packed", 1, [1], 16, []) is None and KEEP_GPU_CACHE not in os.environ

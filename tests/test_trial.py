@@ -295,29 +295,3 @@ def test_chunked_log_probs_equal_the_full_logits_ones(tiny_model, monkeypatch):
             reference = evaluate._token_logps(model, ids, attn)
     assert torch.allclose(chunked, full, atol=1e-5)
     assert not torch.allclose(chunked, reference, atol=1e-3)
-
-
-def test_the_gpu_cache_is_kept_through_a_trial_only_when_asked(runs, tiny_model, monkeypatch):
-    """ALIGNSWEEP_KEEP_GPU_CACHE=1 (bench/packing.py --mode packed-keep-cache): torch's empty_cache does nothing
-    during the trial (accelerate calls it at every train() start, free_memory after the trial); restored after."""
-    import torch
-    from transformers import TrainerCallback
-
-    from trainables import trial
-
-    emptied = []
-    empty_cache = lambda: emptied.append(1)  # noqa: E731
-
-    class EmptyAtStart(TrainerCallback):  # what accelerate's free_memory does at train() start on a GPU
-        def on_train_begin(self, *args, **kwargs):
-            torch.cuda.empty_cache()
-
-    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
-    client = tracking.client(runs)
-    exp = tracking.ensure_experiment(client, "t")
-    monkeypatch.setenv(trial.KEEP_GPU_CACHE, "1")
-    trial.run_trial(tiny_trial(method="sft"), "a", runs, exp, callbacks=[EmptyAtStart()])
-    assert emptied == [] and torch.cuda.empty_cache is empty_cache
-    monkeypatch.delenv(trial.KEEP_GPU_CACHE)
-    trial.run_trial(tiny_trial(method="sft"), "b", runs, exp, callbacks=[EmptyAtStart()])
-    assert emptied == [1]

@@ -6,9 +6,7 @@ MLflow run with half the micro-batch and twice the accumulation (same effective 
 """
 from __future__ import annotations
 
-import contextlib
 import gc
-import os
 import tempfile
 import time
 from typing import Callable
@@ -102,32 +100,12 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
     return trainer.model, tokenizer, items, {**metrics, **phases}, trainer.state.global_step
 
 
-KEEP_GPU_CACHE = "ALIGNSWEEP_KEEP_GPU_CACHE"  # experiment (bench/packing.py --mode packed-keep-cache), see below
-
-
 def free_memory():
     """Give a finished or failed attempt's memory back (a reused worker runs the next trial in this process).
     A failed attempt's objects are garbage only once its traceback is: call this after the except block too."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-@contextlib.contextmanager
-def _gpu_cache_kept_if_asked():
-    """Experiment, with ALIGNSWEEP_KEEP_GPU_CACHE=1: the caching allocator keeps its blocks through the trial and
-    after it, so the next trial on this worker (the same GPU share under Ray) allocates without cudaMalloc, which
-    16 packed processes may contend on in their first step (7.9 s warm, 2026-11-23; untested). torch's
-    empty_cache is a no-op meanwhile: accelerate calls it too, at every trainer.train() start. PyTorch frees
-    cached blocks itself before it reports an out-of-memory error."""
-    if os.environ.get(KEEP_GPU_CACHE) != "1":
-        yield
-        return
-    empty_cache, torch.cuda.empty_cache = torch.cuda.empty_cache, lambda: None
-    try:
-        yield
-    finally:
-        torch.cuda.empty_cache = empty_cache
 
 
 def _freeze_once():
@@ -170,9 +148,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
         "warm_kind": str(kind in _kinds_in_this_process).lower(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
     _kinds_in_this_process.add(kind)
-    with _gpu_cache_kept_if_asked():
-        metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch,
-                                callbacks)
+    metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, callbacks)
     _freeze_once()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
