@@ -99,8 +99,10 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
 
 
 def in_a_thread_as_ray_runs_it(trial) -> dict:
-    """Run `trial(report=...)` as a reused Ray Tune worker does (ray/train/_internal/session.py): in a new thread
-    per trial, each report handed to this (main) thread, the trial's thread blocked until it is taken."""
+    """Run `trial(report=...)` in a new thread, as a reused Ray Tune worker runs each trial
+    (ray/train/_internal/session.py), its reports handed to this (main) thread, the trial's thread blocked until
+    one is taken. Tune's controller takes a report only at its next train() call, later than here: this is the
+    thread without the controller's wait. (The step clock stops before the first report, in on_log after step 1.)"""
     results, taken, out = queue.Queue(1), threading.Semaphore(0), {}
 
     def report(metrics):
@@ -158,7 +160,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads per trial, as a Ray worker sets them "
                     "(the local GPU profile: 1 CPU per trial, so 1); default: torch's own")
     ap.add_argument("--in-thread", action="store_true", help="each trial in a new thread, its reports handed to "
-                    "the main thread, as a Ray Tune worker runs it (not with --profile, which sees one thread)")
+                    "the main thread, as a Ray Tune worker runs it (without Tune's controller's wait) (not with --profile, which sees one thread)")
     ap.add_argument("--bench-file", default=None, help="append the table here (e.g. BENCHMARKS.md)")
     a = ap.parse_args()
     if a.in_thread and a.profile:

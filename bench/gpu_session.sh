@@ -35,7 +35,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # cases) and SmolLM2 (with A/A controls), the planner, packing without Ray (--scaling), the packed sweep against
 # one trial per GPU on one VM (7.9x), the first step on a warm worker alone (PASS, every kind) and in a per-GPU
 # sweep (4.3 s median), the study's projected cost (once, its first kind carrying the cold start). Open: why a
-# Ray trial's first step takes 2.8 s against 0.3-0.6 s alone (first-step --in-thread), tvt-8b-nf4 since the
+# Ray trial's step 1 takes 2.8 s (median) against 0.3-0.9 s alone (first-step-in-thread), tvt-8b-nf4 since the
 # reference became the adapter disabled, the cost re-run. VMs differ by up to 40% in speed: compare rows of one
 # run only. Later sessions run with SKIP= naming what finished.
 # Packing: the per-GPU baseline in full (12 trials, ~11 min) and packed (36 trials, ~4.5 min), one VM, one file.
@@ -44,8 +44,8 @@ step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu pac
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it); then
 # with one torch thread, as a Ray trial of the local GPU profile runs (no change, 2026-11-24), and in a thread per
-# trial whose reports the main thread takes, as Ray Tune runs it (in a per-GPU sweep step 1 took 2.8 s against
-# 0.3-0.6 s here, 2026-11-24); then profiled further below.
+# trial, as Ray Tune runs it (in a per-GPU sweep step 1 took 1.5-4.1 s, median 2.8, against 0.32-0.93 s for four
+# kinds here, 2026-11-24); then profiled further below.
 step first-step  400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
 step first-step-1thread 400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 \
                      --bench-file "$ADD"

@@ -38,7 +38,7 @@ trainers' arguments and LoRA configs field by field and notes any difference und
   (The logger is wrapped to also time its on_log; the notes give its ms/step.)
 - Bare TRL: written without trainables/ (only the SmolLM2 path comes from trainables.models): from_pretrained
   (+ BitsAndBytesConfig NF4 / double quant / bf16 compute for nf4) + peft.get_peft_model + SFTConfig/SFTTrainer
-  (completion_only_loss) or DPOConfig/DPOTrainer given the LoraConfig (sigmoid, beta 0.1, reference = adapter
+  (completion_only_loss), or DPOConfig/DPOTrainer given the LoraConfig (no get_peft_model) (sigmoid, beta 0.1, reference = adapter
   disabled), configured by hand with the same values, report_to="none"; PrinterCallback removed as the trainable
   does (stdout noise only).
 - CITA has no bare-TRL trainer: cita-* rows compare the project's CITA trainer with bare DPOTrainer.
@@ -730,7 +730,8 @@ def report(results, a) -> str:
         f"lr {LR} linear (warmup {LR_WARMUP}), adamw_torch, "
         f"{'bf16 autocast' if cuda() else 'fp32 on CPU'}, gradient checkpointing (non-reentrant), logging every "
         f"step, seed {SEED}. Trainable = trainables.trial.prepare + the trial's per-step MLflow logger (SQLite); "
-        f"bare = from_pretrained + get_peft_model + TRL trainer by hand, report_to none. Both resident; steps "
+        f"bare = from_pretrained + TRL trainer by hand (LoRA: get_peft_model for SFT, peft_config for DPO: "
+        f"reference = adapter disabled on both sides), report_to none. Both resident; steps "
         f"alternate ABBA in blocks of {min(a.block, a.steps)} after {a.warmup} warmup steps each"
         f"{' (A/A control: two more bare trainers, the same schedule)' if a.control else ''}; "
         f"step = on_step_begin to next on_step_begin with device syncs (logging + next batch fetch included). "

@@ -266,8 +266,30 @@ def test_the_reference_is_the_base_model_with_no_adapter_copy(method, tiny_model
         with model.disable_adapter():
             base = trainer.compute_ref_log_probs(model, batch)  # inside, nothing more to disable
     assert all(torch.equal(r, b) for r, b in zip(reference, base))
+    with torch.no_grad():  # the policy (adapter on, B != 0) is not the reference
+        policy = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with model.disable_adapter():
+            base_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(policy, base_logits, atol=1e-3)
     model.save_pretrained(tmp_path / "adapter")
     assert not (tmp_path / "adapter" / "ref").exists()
+
+
+def test_every_method_starts_from_the_same_adapter_for_a_seed(tiny_model, tmp_path):
+    """SFT attaches the adapter itself, TRL does for DPO/CITA (seeding with the trainer's seed): for one trial
+    seed all three start from the same LoRA weights, so the analysis compares methods from one start."""
+    import torch
+
+    from trainables.trial import prepare
+
+    def lora_a(method):
+        trainer, _, _ = prepare(TrialConfig(**tiny_trial(method=method, seed=7)), str(tmp_path / method))
+        return [p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n]
+
+    sft = lora_a("sft")
+    assert sft and all(all(torch.equal(a, b) for a, b in zip(sft, lora_a(m))) for m in ("dpo", "cita"))
+    with pytest.raises(ValueError, match="trainer.seed: set the trial's `seed` instead"):
+        TrialConfig(**tiny_trial(trainer={"seed": 3}))
 
 
 def test_chunked_log_probs_equal_the_full_logits_ones(tiny_model, monkeypatch):

@@ -94,6 +94,10 @@ class TrialConfig(_Strict):
     def _check(self):
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        seeds = sorted({"seed", "data_seed"} & set(self.trainer))
+        if seeds:  # TRL seeds DPO/CITA's LoRA init with the trainer's seed: one seed for every method (pairing)
+            raise ValueError(f"trainer.{seeds[0]}: set the trial's `seed` instead (it seeds the adapter, the data "
+                             "order and the trainer alike)")
         return self
 
     # --- identity -------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""One trial: model at precision -> adapter -> method trainer (TRL) -> train -> evaluate -> log to MLflow.
+"""One trial: model at precision -> method trainer (TRL) with the adapter -> train -> evaluate -> log to MLflow.
 
 `run_trial` is what Ray Tune calls on a worker (through sweeps.runner); it is a plain function, so tests and
 notebooks can call it directly too. A trial whose training runs out of GPU memory is retried in the same
@@ -34,7 +34,7 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
     too). `train_ds` replaces the config's data (already in TRL's format). Returns (trainer, tokenizer, held_out)."""
     from transformers import PrinterCallback, set_seed
 
-    set_seed(cfg.seed)  # python, numpy, torch: LoRA init, dropout, data order
+    set_seed(cfg.seed)  # python, numpy, torch: SFT's LoRA init, data sampling (TRL re-seeds with it for DPO/CITA)
     tokenizer = load_tokenizer(cfg.model)
     train_raw, held_out = data.load_preferences(cfg.data, cfg.n_train, cfg.n_eval, cfg.data_seed)
     if train_ds is None:
