@@ -55,6 +55,12 @@ def _sample_gpu(stop: threading.Event, samples: list):
         stop.wait(1.0)
 
 
+def later_step_s(runs) -> list[float]:
+    """Seconds per optimizer step after the first, per MLflow trial run (its time/later_steps_s over max_steps - 1)."""
+    return [r.data.metrics["time/later_steps_s"] / (int(r.data.params["max_steps"]) - 1) for r in runs
+            if "time/later_steps_s" in r.data.metrics and int(r.data.params.get("max_steps", 1)) > 1]
+
+
 def _median(values):
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float("nan")
@@ -146,6 +152,9 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
         # where a warm trial's first-step time goes: everything before the first step, then the step itself
         "warm_before_step1_s": _median(values("time/before_first_step_s", warm_worker="true")),
         "warm_step1_s": _median(values("time/first_step_s", warm_worker="true")),
+        # a later step (to set beside bench/first_step.py's, alone) and Tune's blocking progress reports
+        "later_step_s_median": _median(later_step_s(done)),
+        "report_wait_s_median": _median(values("time/report_wait_s")),
         # warm workers, split by whether the process already ran this kind of trial (first-use costs)
         "warm_first_step_s_by_kind": {seen: _median(values("time/to_first_step_s", warm_worker="true", warm_kind=seen))
                                       for seen in ("true", "false")},
@@ -167,8 +176,9 @@ def section(rows: list[dict], command: str) -> str:
              f"`{command}`: the multi-seed study, profile local on a GPU (SmolLM2, bf16 + nf4); each row is its own "
              "sweep in a fresh local Ray with the CPUs and GPUs shown.", "",
              "| mode | GPUs | CPUs | trials (finished) | wall s | trials/h | trial s (median) | setup / train / eval s "
-             "(medians) | first step s cold / warm (n warm) | warm: before / in step 1 s | warm, kind seen / new s | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(medians) | first step s cold / warm (n warm) | warm: before / in step 1 s | warm, kind seen / new s | later step s / "
+             "report wait s per trial (medians) | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['gpus']} | {r['cpus']} | {r['trials']} ({r['finished']}) | {r['wall_s']:.0f} | "
                      f"{r['trials_per_hour']:.0f} | {r['trial_s_median']:.1f} | "
@@ -177,6 +187,7 @@ def section(rows: list[dict], command: str) -> str:
                      f"{r['first_step_s_warm']:.1f} ({r['warm_trials']}) | {r.get('warm_before_step1_s', nan):.1f} / "
                      f"{r.get('warm_step1_s', nan):.1f} | "
                      f"{' / '.join(f'{v:.1f}' for v in r.get('warm_first_step_s_by_kind', {}).values()) or 'n/a'} | "
+                     f"{r.get('later_step_s_median', nan):.3f} / {r.get('report_wait_s_median', nan):.2f} | "
                      f"{', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "
                      f"{r['gpu_util_mean']:.0f} | {r['machine']} |")
     ratios = []

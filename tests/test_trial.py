@@ -60,6 +60,24 @@ def test_trial_trains_evaluates_and_logs(method, runs, tiny_model):
     assert any(p.endswith("adapter_config.json") for p in __import__("glob").glob(f"{art}/adapter/*"))
 
 
+def test_a_trial_records_the_time_its_progress_reports_blocked_it(runs, tiny_model):
+    """Ray Tune's report() blocks the trial until its controller takes the result: time/report_wait_s is the
+    training time spent so (the final report, after training, is not in it)."""
+    import time
+
+    client = tracking.client(runs)
+    reports = []
+
+    def slow_report(metrics):
+        reports.append(metrics)
+        time.sleep(0.3)
+
+    metrics = run_trial(tiny_trial(method="sft"), "a", runs, tracking.ensure_experiment(client, "t"),
+                        report=slow_report)
+    in_training = len(reports) - 1  # the last is the trial's final result
+    assert in_training >= 1 and 0.3 * in_training <= metrics["time/report_wait_s"] < 0.3 * in_training + 0.2
+
+
 def test_same_seed_same_losses(runs, tiny_model, monkeypatch):
     """Everything is seeded: two runs of one config give identical loss curves and generations. The second, in
     the same process, is tagged as a warm kind (its first-use costs were paid by the first)."""

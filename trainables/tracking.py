@@ -130,7 +130,8 @@ def step_logger(mlflow_client, run_id: str, report=None, extra_metrics=None, rep
     """A TrainerCallback that records every logging step for MLflow (train/*) and, at most every `report_every_s`,
     sends one to Ray Tune (its progress table). Steps are buffered and written in one MLflow batch at most every
     `flush_every_s`, when training ends, and on `flush()` (the trial calls it when an attempt fails, so nothing
-    is lost). Why not per step, not even asynchronously: a write is ~5 ms of Python (SQLAlchemy over SQLite), and
+    is lost). `report_wait_s`: the seconds spent in `report` (Ray Tune's blocks the trial until its controller
+    takes the result). Why not per step, not even asynchronously: a write is ~5 ms of Python (SQLAlchemy over SQLite), and
     on MLflow's async thread it still takes that time from the training loop through the GIL; an 8B LoRA step at
     micro-batch 1 is bound by Python's kernel launches, so it showed in the step time."""
     from transformers import TrainerCallback
@@ -138,6 +139,7 @@ def step_logger(mlflow_client, run_id: str, report=None, extra_metrics=None, rep
     class _StepLogger(TrainerCallback):
         def __init__(self):
             self.rows, self.last_flush, self.last_report = [], time.monotonic(), float("-inf")
+            self.report_wait_s = 0.0
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             metrics = {f"train/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))}
@@ -150,6 +152,7 @@ def step_logger(mlflow_client, run_id: str, report=None, extra_metrics=None, rep
             if report is not None and now - self.last_report >= report_every_s:
                 self.last_report = now
                 report({**{k.replace("/", "_"): v for k, v in metrics.items()}, "step": state.global_step})
+                self.report_wait_s += time.monotonic() - now
 
         def flush(self):
             rows, self.rows, self.last_flush = self.rows, [], time.monotonic()

@@ -220,6 +220,7 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
         finally:
             logger.flush()  # the failed attempt's steps too
         metrics.update(extra_metrics(), **extra)
+        metrics["time/report_wait_s"] = logger.report_wait_s  # inside train: Tune's blocking progress reports
         metrics["eval/trial_seconds"] = time.perf_counter() - started
         if torch.cuda.is_available():
             metrics["sys/peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
