@@ -131,9 +131,9 @@ def step_logger(mlflow_client, run_id: str, report=None, extra_metrics=None, rep
     sends one to Ray Tune (its progress table). Steps are buffered and written in one MLflow batch at most every
     `flush_every_s`, when training ends, and on `flush()` (the trial calls it when an attempt fails, so nothing
     is lost). `report_wait_s`: the seconds spent in `report` (Ray Tune's blocks the trial until its controller
-    takes the result). Why not per step, not even asynchronously: a write is ~5 ms of Python (SQLAlchemy over SQLite), and
-    on MLflow's async thread it still takes that time from the training loop through the GIL; an 8B LoRA step at
-    micro-batch 1 is bound by Python's kernel launches, so it showed in the step time."""
+    takes the result). Why not per step, not even asynchronously: a write is ~5 ms of Python (SQLAlchemy over
+    SQLite), and on MLflow's async thread it still takes that time from the training loop through the GIL; an 8B
+    LoRA step at micro-batch 1 is bound by Python's kernel launches, so it showed in the step time."""
     from transformers import TrainerCallback
 
     class _StepLogger(TrainerCallback):
@@ -151,8 +151,9 @@ def step_logger(mlflow_client, run_id: str, report=None, extra_metrics=None, rep
                 self.flush()
             if report is not None and now - self.last_report >= report_every_s:
                 self.last_report = now
+                asked = time.monotonic()  # not `now`: a flush may have run since
                 report({**{k.replace("/", "_"): v for k, v in metrics.items()}, "step": state.global_step})
-                self.report_wait_s += time.monotonic() - now
+                self.report_wait_s += time.monotonic() - asked
 
         def flush(self):
             rows, self.rows, self.last_flush = self.rows, [], time.monotonic()
