@@ -88,7 +88,7 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
                 row = {"kind": kind, "i": i, "warm_kind": run.data.tags.get("warm_kind"),
                        "setup_s": m["time/setup_s"], "before_s": m["time/before_first_step_s"],
                        "step1_s": m["time/first_step_s"], "to_first_s": m["time/to_first_step_s"],
-                       "later_step_s": m["time/later_steps_s"] / max(steps - 1, 1)}
+                       "later_step_s": m.get("time/later_step_s", float("nan"))}
                 rows.append(row)
                 print(f"{kind} #{i} (warm_kind={row['warm_kind']}): setup {row['setup_s']:.2f} s, before step 1 "
                       f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s, to end of step 1 "

@@ -55,12 +55,6 @@ def _sample_gpu(stop: threading.Event, samples: list):
         stop.wait(1.0)
 
 
-def later_step_s(runs) -> list[float]:
-    """Seconds per optimizer step after the first, per MLflow trial run (its time/later_steps_s over max_steps - 1)."""
-    return [r.data.metrics["time/later_steps_s"] / (int(r.data.params["max_steps"]) - 1) for r in runs
-            if "time/later_steps_s" in r.data.metrics and int(r.data.params.get("max_steps", 1)) > 1]
-
-
 def _median(values):
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float("nan")
@@ -153,7 +147,7 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
         "warm_before_step1_s": _median(values("time/before_first_step_s", warm_worker="true")),
         "warm_step1_s": _median(values("time/first_step_s", warm_worker="true")),
         # a later step (to set beside bench/first_step.py's, alone) and Tune's blocking progress reports
-        "later_step_s_median": _median(later_step_s(done)),
+        "later_step_s_median": _median(values("time/later_step_s")),
         "report_wait_s_median": _median(values("time/report_wait_s")),
         # warm workers, split by whether the process already ran this kind of trial (first-use costs)
         "warm_first_step_s_by_kind": {seen: _median(values("time/to_first_step_s", warm_worker="true", warm_kind=seen))

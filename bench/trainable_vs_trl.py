@@ -37,8 +37,8 @@ trainers' arguments and LoRA configs field by field and notes any difference und
   tracking.start_trial_run as a trial does: so the per-step MLflow logging of a real trial is in the timing.
   (The logger is wrapped to also time its on_log; the notes give its ms/step.)
 - Bare TRL: written without trainables/ (only the SmolLM2 path comes from trainables.models): from_pretrained
-  (+ BitsAndBytesConfig NF4 / double quant / bf16 compute for nf4) + peft.get_peft_model + SFTConfig/SFTTrainer
-  (completion_only_loss), or DPOConfig/DPOTrainer given the LoraConfig (no get_peft_model) (sigmoid, beta 0.1, reference = adapter
+  (+ BitsAndBytesConfig NF4 / double quant / bf16 compute for nf4), then peft.get_peft_model + SFTConfig/SFTTrainer
+  (completion_only_loss), or DPOConfig/DPOTrainer given the LoraConfig (sigmoid, beta 0.1, reference = adapter
   disabled), configured by hand with the same values, report_to="none"; PrinterCallback removed as the trainable
   does (stdout noise only).
 - CITA has no bare-TRL trainer: cita-* rows compare the project's CITA trainer with bare DPOTrainer.

@@ -243,22 +243,6 @@ def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_
         first_step.run(["nope"], 1, 2, 2, model="tiny-random")
 
 
-def test_packing_reads_a_later_steps_time_from_real_trial_runs(runs, tiny_model):
-    """The packing row's later step time comes from the trials' MLflow runs: time/later_steps_s over the steps
-    after the first."""
-    import packing
-
-    from tests.conftest import tiny_trial
-    from trainables import tracking
-    from trainables.trial import run_trial
-
-    client = tracking.client(runs)
-    exp = tracking.ensure_experiment(client, "t")
-    metrics = run_trial(tiny_trial(method="sft", max_steps=3), "a", runs, exp)
-    (per_step,) = packing.later_step_s(client.search_runs([exp]))
-    assert per_step == pytest.approx(metrics["time/later_steps_s"] / 2)
-
-
 def test_first_step_in_thread_runs_each_trial_in_its_own_thread_and_takes_its_reports():
     """--in-thread, as Ray Tune runs a trial: a new thread per trial, every report taken by the main thread
     (the trial's thread waits until it is), the trial's metrics returned, its error re-raised here."""

@@ -78,6 +78,13 @@ def test_a_trial_records_the_time_its_progress_reports_blocked_it(runs, tiny_mod
     assert in_training >= 1 and 0.3 * in_training <= metrics["time/report_wait_s"] < 0.3 * in_training + 0.2
 
 
+def test_a_trial_records_its_mean_later_step(runs, tiny_model):
+    """time/later_step_s: the steps after the first, per step (what bench/ sets beside trials run alone)."""
+    client = tracking.client(runs)
+    metrics = run_trial(tiny_trial(method="sft", max_steps=3), "a", runs, tracking.ensure_experiment(client, "t"))
+    assert metrics["time/later_step_s"] == pytest.approx(metrics["time/later_steps_s"] / 2)
+
+
 def test_same_seed_same_losses(runs, tiny_model, monkeypatch):
     """Everything is seeded: two runs of one config give identical loss curves and generations. The second, in
     the same process, is tagged as a warm kind (its first-use costs were paid by the first)."""

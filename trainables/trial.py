@@ -50,11 +50,13 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
 def _step_clock(started: float):
     """Times the per-trial overhead and the steps, from `started` (trial start): to_first_step = before_first_step
     (setup, entering the loop, the first batch) + first_step (the step itself: first-use costs on a GPU show
-    there); later_steps = end of step 1 -> end of the last step (what a longer run of this trial adds per step)."""
+    there); later_steps = end of step 1 -> end of the last step (what a longer run of this trial adds per step),
+    later_step = its mean per step."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
         first_begin = first_end = last_end = None
+        later = 0  # steps after the first
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.first_begin is None:
@@ -64,6 +66,8 @@ def _step_clock(started: float):
             self.last_end = time.perf_counter()
             if state.global_step == 1:
                 self.first_end = self.last_end
+            else:
+                self.later += 1
 
         def metrics(self) -> dict[str, float]:
             if self.first_end is None:  # no step finished
@@ -71,7 +75,8 @@ def _step_clock(started: float):
             return {"time/to_first_step_s": self.first_end - started,
                     "time/before_first_step_s": self.first_begin - started,
                     "time/first_step_s": self.first_end - self.first_begin,
-                    "time/later_steps_s": self.last_end - self.first_end}
+                    "time/later_steps_s": self.last_end - self.first_end,
+                    **({"time/later_step_s": (self.last_end - self.first_end) / self.later} if self.later else {})}
 
     return StepClock()
 
