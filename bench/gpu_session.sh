@@ -40,7 +40,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # run only. Later sessions run with SKIP= naming what finished.
 # Packing: the per-GPU baseline in full (12 trials, ~11 min) and packed (36 trials, ~4.5 min), one VM, one file.
 # packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
-step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --seeds 1 \
+# PACKING_GPUS="1 2" on a two-GPU host adds the scaling target (2 GPUs >= 1.9x trials/hour of one).
+step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it); then
 # with one torch thread, as a Ray trial of the local GPU profile runs (no change, 2026-11-24), and in a thread per
