@@ -40,7 +40,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # run only. Later sessions run with SKIP= naming what finished.
 # Packing: the per-GPU baseline in full (12 trials, ~11 min) and packed (36 trials, ~4.5 min), one VM, one file.
 # packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
-# PACKING_GPUS="1 2" on a two-GPU host adds the scaling target (2 GPUs >= 1.9x trials/hour of one).
+# PACKING_GPUS="1 2 1 2" on a two-GPU host adds the scaling target (2 GPUs >= 1.9x trials/hour of one): the
+# section rates the latest row of each count, so the first sweep on a fresh VM (508 against 628 trials/h on one
+# H200 on 2026-11-24: page cache, first imports) does not count.
 step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it); then

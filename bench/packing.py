@@ -1,7 +1,7 @@
 """Trials per hour of the multi-seed study on one or more GPUs: one trial per GPU vs trials packed by memory.
 
     python bench/packing.py --mode per-gpu packed --seeds 1 --packed-seeds 3          # one H100, one call
-    python bench/packing.py --mode packed --gpus 1 2 --packed-seeds 3                 # 2 x H200: scaling
+    python bench/packing.py --mode packed --gpus 1 2 1 2 --packed-seeds 3             # 2 x H200: scaling
     python bench/packing.py --mode per-gpu packed packed-mps                          # also packed under MPS
     python bench/packing.py --scaling 1 4 8 16 --mps both                             # training only, no Ray
 
@@ -16,9 +16,10 @@ and utilization (nvidia-smi, once a second).
   stops), which lets the kernels of the packed trials' processes run concurrently instead of time-sliced.
 --scaling N...: where packing loses time, without Ray or evaluation: N processes train the same trial's config at
 once on GPU 0 (after a common start barrier); aggregate optimizer steps/s against one process alone.
-Ratios are computed between rows of one results file (`--results`, JSON lines; rows accumulate across calls,
-so a comparison too long for one call can span two calls on the same warm machine: the table names the
-machine of every row). Appends a section to BENCHMARKS.md.
+Ratios are computed between the latest rows of one results file (`--results`, JSON lines; rows accumulate
+across calls, so a comparison too long for one call can span two calls on the same warm machine: the table
+names the machine of every row). Counts may repeat (`--gpus 1 2 1 2`): the first sweep on a fresh machine
+carries its cold start, and the latest row of each count is the one rated. Appends a section to BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -42,11 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _sample_gpu(stop: threading.Event, samples: list):
+def _sample_gpu(stop: threading.Event, samples: list, gpus: int):
+    """Memory and utilization of the `gpus` GPUs the sweep uses (Ray's GPU ids 0..gpus-1), once a second: a 1-GPU
+    row on a 2-GPU host must not average the idle GPU in."""
+    ids = ",".join(str(i) for i in range(gpus))
     while not stop.is_set():
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used,utilization.gpu", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True).stdout.split("\n")
+            out = subprocess.run(["nvidia-smi", f"--id={ids}", "--query-gpu=memory.used,utilization.gpu",
+                                  "--format=csv,noheader,nounits"], capture_output=True, text=True).stdout.split("\n")
         except FileNotFoundError:  # no NVIDIA driver: nothing to sample
             return
         rows = [line.split(",") for line in out if line.count(",") == 1]
@@ -116,7 +120,7 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
     ray.init(address="local", num_cpus=cpus_per_gpu * gpus, num_gpus=gpus, include_dashboard=False,
              configure_logging=False, log_to_driver=False)
     samples, stop = [], threading.Event()
-    threading.Thread(target=_sample_gpu, args=(stop, samples), daemon=True).start()
+    threading.Thread(target=_sample_gpu, args=(stop, samples, gpus), daemon=True).start()
     started = time.time()
     try:
         result = run_sweep(spec, profile)

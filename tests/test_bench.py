@@ -134,6 +134,30 @@ def test_packing_section_compares_rows_of_one_results_file():
     assert "median 2.5-6.0 s across rows (target <= 5 s): FAIL" in text
 
 
+def test_packing_samples_only_the_gpus_the_sweep_uses(tmp_path, monkeypatch):
+    """A 1-GPU row on a 2-GPU host must not average the idle GPU's utilization in (2026-11-24: 31% read for ~62%)."""
+    import threading
+
+    import packing
+
+    fake = tmp_path / "nvidia-smi"  # answers like nvidia-smi for two GPUs unless --id narrows it, and logs its args
+    fake.write_text('#!/bin/sh\necho "$@" >> "$0.args"\ncase "$*" in *--id=0\ *) echo "100, 60";; '
+                    '*) printf "100, 60\\n4, 0\\n";; esac\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    samples, stop = [], threading.Event()
+    sampler = threading.Thread(target=packing._sample_gpu, args=(stop, samples, 1), daemon=True)
+    sampler.start()
+    for _ in range(200):  # up to 10 s for the first sample
+        if samples or not sampler.is_alive():
+            break
+        stop.wait(0.05)
+    stop.set()
+    sampler.join(timeout=5)
+    assert samples and samples[0] == (100.0, 60.0)
+    assert "--id=0 " in (tmp_path / "nvidia-smi.args").read_text()
+
+
 def test_packing_section_rates_packed_and_packed_mps_each_against_per_gpu():
     import packing
 
