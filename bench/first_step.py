@@ -33,15 +33,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def kind_configs(steps: int, n_eval: int, model: str | None = None) -> dict[str, dict]:
+def kind_configs(steps: int, n_eval: int, model: str | None = None, seed: int | None = None) -> dict[str, dict]:
     """One config per method-adapter-precision of the multi-seed study under the local profile (what the
     packing benchmark's trials train), shortened to `steps` steps, `n_eval` pairs and no generations; `model`
-    replaces the profile's."""
+    and `seed` replace the profile's."""
     from packing import local_kinds
 
     return {kind: c.model_dump(mode="json") | {"max_steps": steps, "n_eval": n_eval,
                                                "eval": c.eval.model_dump() | {"n_generate": 0}}
-            | ({"model": model} if model else {}) for kind, c in local_kinds().items()}
+            | ({"model": model} if model else {}) | ({"seed": seed} if seed is not None else {})
+            for kind, c in local_kinds().items()}
 
 
 def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
@@ -52,7 +53,8 @@ def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
 
 
 def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = False, profile_over: float = 3.0,
-        model: str | None = None, threads: int | None = None, in_thread: bool = False) -> list[dict]:
+        model: str | None = None, threads: int | None = None, in_thread: bool = False,
+        seed: int | None = None) -> list[dict]:
     from grit_speed import callback
 
     from trainables import tracking
@@ -62,7 +64,7 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
         if state.global_step == 1:
             profiler.disable()
 
-    configs = kind_configs(steps, n_eval, model)
+    configs = kind_configs(steps, n_eval, model, seed)
     unknown = sorted(set(kinds) - set(configs))
     if unknown:
         raise SystemExit(f"--kinds {' '.join(unknown)}: allowed values: {', '.join(configs)}")
@@ -87,11 +89,12 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
                 run = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)[0]
                 row = {"kind": kind, "i": i, "warm_kind": run.data.tags.get("warm_kind"),
                        "setup_s": m["time/setup_s"], "before_s": m["time/before_first_step_s"],
-                       "step1_s": m["time/first_step_s"], "to_first_s": m["time/to_first_step_s"],
+                       "step1_s": m["time/first_step_s"], "step1_cpu_s": m["time/first_step_cpu_s"],
+                       "to_first_s": m["time/to_first_step_s"],
                        "later_step_s": m.get("time/later_step_s", float("nan"))}
                 rows.append(row)
                 print(f"{kind} #{i} (warm_kind={row['warm_kind']}): setup {row['setup_s']:.2f} s, before step 1 "
-                      f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s, to end of step 1 "
+                      f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s ({row['step1_cpu_s']:.2f} s CPU), to end of step 1 "
                       f"{row['to_first_s']:.2f} s; later steps {row['later_step_s']:.3f} s each", flush=True)
                 if profiler and row["to_first_s"] > profile_over:
                     print(_stats(profiler, "cumulative", 30), _stats(profiler, "tottime", 15), sep="\n", flush=True)
@@ -132,11 +135,13 @@ def section(rows: list[dict], command: str, machine: str) -> str:
     lines = [f"\n## Trial start -> first step on one warm worker — bench/first_step.py — {datetime.date.today()}",
              f"`{command}` on {machine}: trials one after another in one process (a reused worker); "
              "warm kind = this process ran the method-adapter-precision before.", "",
-             "| kind | # | warm kind | setup s | before step 1 s | step 1 s | to end of step 1 s | later step s |",
+             "| kind | # | warm kind | setup s | before step 1 s | step 1 s (thread CPU s) | to end of step 1 s | "
+             "later step s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['i']} | {r['warm_kind']} | {r['setup_s']:.2f} | {r['before_s']:.2f} | "
-                     f"{r['step1_s']:.2f} | {r['to_first_s']:.2f} | {r['later_step_s']:.3f} |")
+                     f"{r['step1_s']:.2f} ({r.get('step1_cpu_s', float('nan')):.2f}) | {r['to_first_s']:.2f} | "
+                     f"{r['later_step_s']:.3f} |")
     warm = [r["to_first_s"] for r in rows[1:]]  # every trial after the process's first runs on a warm worker
     if warm:
         seen = [r["to_first_s"] for r in rows[1:] if r["warm_kind"] == "true"]
@@ -161,6 +166,8 @@ def main():
                     "(the local GPU profile: 1 CPU per trial, so 1); default: torch's own")
     ap.add_argument("--in-thread", action="store_true", help="each trial in a new thread, its reports handed to "
                     "the main thread, as a Ray Tune worker runs it (without Tune's controller's wait) (not with --profile, which sees one thread)")
+    ap.add_argument("--seed", type=int, default=1, help="every trial's seed, which sets its batches: 1, as the "
+                    "first trial of each kind in bench/packing.py's sweeps (the profile's own is 42)")
     ap.add_argument("--bench-file", default=None, help="append the table here (e.g. BENCHMARKS.md)")
     a = ap.parse_args()
     if a.in_thread and a.profile:
@@ -169,7 +176,7 @@ def main():
 
     kinds = a.kinds or list(kind_configs(a.steps, a.n_eval))
     rows = run(kinds, a.repeat, a.steps, a.n_eval, a.profile, a.profile_over, a.model,
-               a.threads, a.in_thread)
+               a.threads, a.in_thread, a.seed)
     machine = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU") + f", {platform.node()}"
     from grit_speed import publish
 

@@ -32,13 +32,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 
 # Order for a 30-device-minute session (staging + install take ~1 min on a warm VM, ~4 with a cold start).
 # Measured already (BENCHMARKS.md, 2026-11-23/24): GRIT all four cases (issue 3, closed), tvt on 8B (all six
-# cases) and SmolLM2 (with A/A controls), the planner, packing without Ray (--scaling), the packed sweep against
-# one trial per GPU on one VM (7.9x), the first step on a warm worker alone (PASS, every kind) and in a per-GPU
-# sweep (4.3 s median), the study's projected cost (once, its first kind carrying the cold start). Open: why a
-# Ray trial's step 1 takes 2.8 s (median) against 0.3-0.9 s alone (first-step-in-thread), tvt-8b-nf4 since the
-# reference became the adapter disabled, the cost re-run. VMs differ by up to 40% in speed: compare rows of one
-# run only. Later sessions run with SKIP= naming what finished.
-# Packing: the per-GPU baseline in full (12 trials, ~11 min) and packed (36 trials, ~4.5 min), one VM, one file.
+# cases, nf4 again after the reference change) and SmolLM2 (with A/A controls), the planner, packing without Ray
+# (--scaling), the packed sweep against one trial per GPU on one VM (7.9x), 2 GPUs against 1 (2.05x, H200 x2),
+# the first step on a warm worker alone (PASS, every kind; also in a thread per trial with one thread) and in a
+# per-GPU sweep (3.6 s median), the study's projected cost (once). Open: why a Ray trial's step 1 takes 2.4 s
+# (median) against 0.3-0.75 s alone: the per-GPU sweep and first-step now run the same seed (1) and log step 1's
+# thread CPU time (waited or worked); the cost re-run. VMs differ by up to 40% in speed: compare rows of one run
+# only. Later sessions run with SKIP= naming what finished.
+# Packing: the per-GPU baseline in full (12 trials, ~9-11 min) and packed (36 trials, ~4 min), one VM, one file.
 # packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
 # PACKING_GPUS="1 2 1 2" on a two-GPU host adds the scaling target (2 GPUs >= 1.9x trials/hour of one): the
 # section rates the latest row of each count, so the first sweep on a fresh VM (508 against 628 trials/h on one
@@ -47,14 +48,14 @@ step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu pac
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it); then
 # with one torch thread, as a Ray trial of the local GPU profile runs (no change, 2026-11-24), and in a thread per
-# trial, as Ray Tune runs it (in a per-GPU sweep step 1 took 1.5-4.1 s, median 2.8, against 0.32-0.93 s for four
-# kinds here, 2026-11-24); then profiled further below.
+# trial with OMP_NUM_THREADS=1 as a Ray worker's environment has it (2026-11-24, without the variable: step 1
+# 0.30-0.75 s, against 1.2-3.7 s in a per-GPU sweep on the same VM); then profiled further below.
 step first-step  400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
 step first-step-1thread 400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 \
                      --bench-file "$ADD"
-step first-step-in-thread 400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 \
-                     --in-thread --bench-file "$ADD"
-# The 8B rows not settled at <= 1.02, each with its A/A control (the noise floor).
+step first-step-in-thread 400 env OMP_NUM_THREADS=1 python bench/first_step.py \
+                     ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 --in-thread --bench-file "$ADD"
+# The 8B nf4 rows with their A/A controls (the noise floor): 2026-11-24, sft-nf4 0.933, dpo-nf4 1.033 (A/A 1.083).
 step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases sft-nf4 dpo-nf4 --steps 30 --block 1 --control \
                      --bench-file "$ADD"
 # The SmolLM2 rows that failed <= 1.02 on 2026-11-23, again, with the A/A control.

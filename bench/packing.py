@@ -150,6 +150,7 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
         # where a warm trial's first-step time goes: everything before the first step, then the step itself
         "warm_before_step1_s": _median(values("time/before_first_step_s", warm_worker="true")),
         "warm_step1_s": _median(values("time/first_step_s", warm_worker="true")),
+        "warm_step1_cpu_s": _median(values("time/first_step_cpu_s", warm_worker="true")),  # waited or worked
         # a later step (to set beside bench/first_step.py's, alone) and Tune's blocking progress reports
         "later_step_s_median": _median(values("time/later_step_s")),
         "report_wait_s_median": _median(values("time/report_wait_s")),
@@ -174,7 +175,7 @@ def section(rows: list[dict], command: str) -> str:
              f"`{command}`: the multi-seed study, profile local on a GPU (SmolLM2, bf16 + nf4); each row is its own "
              "sweep in a fresh local Ray with the CPUs and GPUs shown.", "",
              "| mode | GPUs | CPUs | trials (finished) | wall s | trials/h | trial s (median) | setup / train / eval s "
-             "(medians) | first step s cold / warm (n warm) | warm: before / in step 1 s | warm, kind seen / new s | later step s / "
+             "(medians) | first step s cold / warm (n warm) | warm: before / in step 1 s (thread CPU) | warm, kind seen / new s | later step s / "
              "report wait s per trial (medians) | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -183,7 +184,7 @@ def section(rows: list[dict], command: str) -> str:
                      f"{' / '.join(f'{v:.1f}' for v in r.get('phase_s_median', {}).values()) or 'n/a'} | "
                      f"{r['first_step_s_cold']:.1f} / "
                      f"{r['first_step_s_warm']:.1f} ({r['warm_trials']}) | {r.get('warm_before_step1_s', nan):.1f} / "
-                     f"{r.get('warm_step1_s', nan):.1f} | "
+                     f"{r.get('warm_step1_s', nan):.1f} ({r.get('warm_step1_cpu_s', nan):.1f}) | "
                      f"{' / '.join(f'{v:.1f}' for v in r.get('warm_first_step_s_by_kind', {}).values()) or 'n/a'} | "
                      f"{r.get('later_step_s_median', nan):.3f} / {r.get('report_wait_s_median', nan):.2f} | "
                      f"{', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "

@@ -258,6 +258,8 @@ def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_
     assert [r["warm_kind"] for r in rows] == ["false", "true"]
     for r in rows:
         assert r["before_s"] + r["step1_s"] == pytest.approx(r["to_first_s"]) and r["later_step_s"] > 0
+        assert 0 < r["step1_cpu_s"]
+    assert first_step.kind_configs(2, 2, "tiny-random", seed=5)["sft-lora-fp32"]["seed"] == 5  # --seed
     assert capsys.readouterr().out.count("run_trial") >= 2  # a profile per trial, each with the trial's frames
     first_step.run(["sft-lora-fp32"], repeat=1, steps=2, n_eval=2, profile=False, model="tiny-random")
     assert "ncalls" not in capsys.readouterr().out  # not profiled unless asked: cProfile slows the setup it times

@@ -85,6 +85,25 @@ def test_a_trial_records_its_mean_later_step(runs, tiny_model):
     assert metrics["time/later_step_s"] == pytest.approx(metrics["time/later_steps_s"] / 2)
 
 
+def test_the_step_clock_tells_waiting_from_working_in_step_1(runs, tiny_model):
+    """time/first_step_cpu_s is the training thread's CPU time in step 1: a wait inside the step (here a sleep
+    before the optimizer step, as a lock or another thread's GIL would) shows in first_step_s alone."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class WaitInStep1(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 0:
+                time.sleep(0.5)
+
+    client = tracking.client(runs)
+    metrics = run_trial(tiny_trial(method="sft", max_steps=2), "a", runs, tracking.ensure_experiment(client, "t"),
+                        callbacks=[WaitInStep1()])
+    assert 0 < metrics["time/first_step_cpu_s"]
+    assert metrics["time/first_step_s"] - metrics["time/first_step_cpu_s"] >= 0.5
+
+
 def test_same_seed_same_losses(runs, tiny_model, monkeypatch):
     """Everything is seeded: two runs of one config give identical loss curves and generations. The second, in
     the same process, is tagged as a warm kind (its first-use costs were paid by the first)."""
