@@ -87,7 +87,7 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
                     if profiler:
                         profiler.disable()
                 run = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)[0]
-                row = {"kind": kind, "i": i, "warm_kind": run.data.tags.get("warm_kind"),
+                row = {"kind": kind, "i": i, "seed": configs[kind]["seed"], "warm_kind": run.data.tags.get("warm_kind"),
                        "setup_s": m["time/setup_s"], "before_s": m["time/before_first_step_s"],
                        "step1_s": m["time/first_step_s"], "step1_cpu_s": m["time/first_step_cpu_s"],
                        "to_first_s": m["time/to_first_step_s"],
@@ -133,7 +133,8 @@ def in_a_thread_as_ray_runs_it(trial) -> dict:
 
 def section(rows: list[dict], command: str, machine: str) -> str:
     lines = [f"\n## Trial start -> first step on one warm worker — bench/first_step.py — {datetime.date.today()}",
-             f"`{command}` on {machine}: trials one after another in one process (a reused worker); "
+             f"`{command}` on {machine}, seed {rows[0]['seed'] if rows else '?'}: trials one after another in one "
+             "process (a reused worker); "
              "warm kind = this process ran the method-adapter-precision before.", "",
              "| kind | # | warm kind | setup s | before step 1 s | step 1 s (thread CPU s) | to end of step 1 s | "
              "later step s |",

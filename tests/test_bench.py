@@ -145,6 +145,7 @@ def test_packing_samples_only_the_gpus_the_sweep_uses(tmp_path, monkeypatch):
                     '*) printf "100, 60\\n4, 0\\n";; esac\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     samples, stop = [], threading.Event()
     sampler = threading.Thread(target=packing._sample_gpu, args=(stop, samples, 1), daemon=True)
     sampler.start()

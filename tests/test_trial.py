@@ -101,7 +101,7 @@ def test_the_step_clock_tells_waiting_from_working_in_step_1(runs, tiny_model):
     metrics = run_trial(tiny_trial(method="sft", max_steps=2), "a", runs, tracking.ensure_experiment(client, "t"),
                         callbacks=[WaitInStep1()])
     assert 0 < metrics["time/first_step_cpu_s"]
-    assert metrics["time/first_step_s"] - metrics["time/first_step_cpu_s"] >= 0.5
+    assert metrics["time/first_step_s"] - metrics["time/first_step_cpu_s"] >= 0.45
 
 
 def test_same_seed_same_losses(runs, tiny_model, monkeypatch):

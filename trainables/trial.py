@@ -49,11 +49,12 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
 
 def _step_clock(started: float):
     """Times the per-trial overhead and the steps, from `started` (trial start): to_first_step = before_first_step
-    (setup, entering the loop, the first batch, and the device finishing what setup queued: step 1 starts after a
-    CUDA sync) + first_step (the step itself: first-use costs on a GPU show there); later_steps = end of step 1 ->
-    end of the last step (what a longer run of this trial adds per step), later_step = its mean per step.
-    first_step_cpu_s: the training thread's own CPU time in step 1; far below first_step_s, the thread waited
-    (a lock, the GIL held by another thread, I/O) rather than worked (Python, kernel launches, CUDA's spin-wait)."""
+    (setup, entering the loop, the first batch, and the device finishing what setup queued) + first_step (the
+    step itself, between two CUDA syncs: first-use costs on a GPU show there); later_steps = end of step 1 -> end
+    of the last step (what a longer run of this trial adds per step), later_step = its mean per step.
+    first_step_cpu_s: the training thread's own CPU time in step 1. Far below first_step_s, the thread waited (a
+    lock, the GIL held by another thread, I/O); close to it is ambiguous, since CUDA's default spin-wait for the
+    device counts as CPU time too."""
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
@@ -62,15 +63,16 @@ def _step_clock(started: float):
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.first_begin is None:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()  # once per trial, so step 1 is the step alone
+                _sync()  # once per trial, at both ends of step 1: the step alone, its device work included
                 self.first_begin, self.first_cpu = time.perf_counter(), time.thread_time()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.last_end = time.perf_counter()
-            if state.global_step == 1:
-                self.first_end, self.first_cpu = self.last_end, time.thread_time() - self.first_cpu
+            if self.first_end is None:
+                _sync()
+                self.first_end = self.last_end = time.perf_counter()
+                self.first_cpu = time.thread_time() - self.first_cpu
             else:
+                self.last_end = time.perf_counter()
                 self.later += 1
 
         def metrics(self) -> dict[str, float]:
@@ -82,6 +84,10 @@ def _step_clock(started: float):
                     "time/first_step_cpu_s": self.first_cpu,
                     "time/later_steps_s": self.last_end - self.first_end,
                     **({"time/later_step_s": (self.last_end - self.first_end) / self.later} if self.later else {})}
+
+    def _sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
 
     return StepClock()
 
