@@ -104,6 +104,23 @@ def test_the_step_clock_tells_waiting_from_working_in_step_1(runs, tiny_model):
     assert metrics["time/first_step_s"] - metrics["time/first_step_cpu_s"] >= 0.45
 
 
+def test_a_worker_loads_a_tokenizer_once_and_hands_each_trial_its_own_copy(tiny_model, monkeypatch):
+    from trainables import models
+
+    models._loaded_tokenizer.cache_clear()
+    loads = []
+    real = models.from_pretrained
+    monkeypatch.setattr(models, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+    first, second = models.load_tokenizer(tiny_model), models.load_tokenizer(tiny_model)
+    assert len(loads) == 1 and first is not second
+    first.padding_side = "left"  # what one trial changes stays in its copy
+    first.pad_token = first.bos_token
+    assert second.padding_side == "right" and second.pad_token == second.eos_token
+    assert first("a b c").input_ids == second("a b c").input_ids
+    assert first.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        second.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
 def test_same_seed_same_losses(runs, tiny_model, monkeypatch):
     """Everything is seeded: two runs of one config give identical loss curves and generations. The second, in
     the same process, is tagged as a warm kind (its first-use costs were paid by the first)."""
