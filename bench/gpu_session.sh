@@ -43,7 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
 # PACKING_MODES=packed PACKING_GPUS="1 2 1 2" on a two-GPU host (~4 x 220 s) measures the scaling target (2 GPUs >= 1.9x trials/hour of one): the
 # section rates the latest row of each count, so the first sweep on a fresh VM (508 against 628 trials/h on one
-# H200 on 2026-11-24: page cache, first imports) does not count.
+# H200 on 2026-11-24: it converted the SmolLM2 GGUF once, ~50 s) does not count.
 step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it); then
