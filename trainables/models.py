@@ -141,7 +141,7 @@ def load_tokenizer(name: str):
 
 
 @functools.lru_cache(maxsize=8)
-def _loaded_tokenizer(path: str, name: str):
+def _loaded_tokenizer(path: str, name: str):  # keyed by where `name` resolves to (tests switch cache roots)
     from transformers import AutoTokenizer
 
     tok = from_pretrained(AutoTokenizer, name)
