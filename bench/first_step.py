@@ -87,15 +87,17 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
                     if profiler:
                         profiler.disable()
                 run = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)[0]
-                row = {"kind": kind, "i": i, "seed": configs[kind]["seed"], "warm_kind": run.data.tags.get("warm_kind"),
+                row = {"kind": kind, "i": i, "seed": configs[kind]["seed"],
+                       "warm_kind": run.data.tags.get("warm_kind"),
                        "setup_s": m["time/setup_s"], "before_s": m["time/before_first_step_s"],
                        "step1_s": m["time/first_step_s"], "step1_cpu_s": m["time/first_step_cpu_s"],
                        "to_first_s": m["time/to_first_step_s"],
                        "later_step_s": m.get("time/later_step_s", float("nan"))}
                 rows.append(row)
                 print(f"{kind} #{i} (warm_kind={row['warm_kind']}): setup {row['setup_s']:.2f} s, before step 1 "
-                      f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s ({row['step1_cpu_s']:.2f} s CPU), to end of step 1 "
-                      f"{row['to_first_s']:.2f} s; later steps {row['later_step_s']:.3f} s each", flush=True)
+                      f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s ({row['step1_cpu_s']:.2f} s CPU), "
+                      f"to end of step 1 {row['to_first_s']:.2f} s; later steps {row['later_step_s']:.3f} s each",
+                      flush=True)
                 if profiler and row["to_first_s"] > profile_over:
                     print(_stats(profiler, "cumulative", 30), _stats(profiler, "tottime", 15), sep="\n", flush=True)
     return rows
@@ -141,7 +143,7 @@ def section(rows: list[dict], command: str, machine: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['i']} | {r['warm_kind']} | {r['setup_s']:.2f} | {r['before_s']:.2f} | "
-                     f"{r['step1_s']:.2f} ({r.get('step1_cpu_s', float('nan')):.2f}) | {r['to_first_s']:.2f} | "
+                     f"{r['step1_s']:.2f} ({r['step1_cpu_s']:.2f}) | {r['to_first_s']:.2f} | "
                      f"{r['later_step_s']:.3f} |")
     warm = [r["to_first_s"] for r in rows[1:]]  # every trial after the process's first runs on a warm worker
     if warm:
@@ -166,7 +168,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch threads per trial, as a Ray worker sets them "
                     "(the local GPU profile: 1 CPU per trial, so 1); default: torch's own")
     ap.add_argument("--in-thread", action="store_true", help="each trial in a new thread, its reports handed to "
-                    "the main thread, as a Ray Tune worker runs it (without Tune's controller's wait) (not with --profile, which sees one thread)")
+                    "the main thread, as a Ray Tune worker runs it (without Tune's controller's wait); not with "
+                    "--profile, which sees one thread")
     ap.add_argument("--seed", type=int, default=1, help="every trial's seed, which sets its batches: 1, as the "
                     "first trial of each kind in bench/packing.py's sweeps (the profile's own is 42)")
     ap.add_argument("--bench-file", default=None, help="append the table here (e.g. BENCHMARKS.md)")

@@ -169,8 +169,7 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
 
 def section(rows: list[dict], command: str) -> str:
     nan = float("nan")  # rows written before a column existed
-    def find(mode, gpus):
-        return next((r for r in reversed(rows) if r["mode"] == mode and r["gpus"] == gpus), None)
+    latest = {(r["mode"], r["gpus"]): r for r in rows}  # what is rated: the latest row of each mode and GPU count
 
     lines = [f"\n## GPU packing and scaling — bench/packing.py — {datetime.date.today()}",
              f"`{command}`: the multi-seed study, profile local on a GPU (SmolLM2, bf16 + nf4); each row is its own "
@@ -191,9 +190,9 @@ def section(rows: list[dict], command: str) -> str:
                      f"{', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "
                      f"{r['gpu_util_mean']:.0f} | {r['machine']} |")
     ratios = []
-    per_gpu = find("per-gpu", 1)
+    per_gpu = latest.get(("per-gpu", 1))
     for mode in ("packed", "packed-mps"):
-        one, two = find(mode, 1), find(mode, 2)
+        one, two = latest.get((mode, 1)), latest.get((mode, 2))
         if per_gpu and one:
             x = one["trials_per_hour"] / per_gpu["trials_per_hour"]
             ratios.append(f"- {mode} vs one trial per GPU (1 GPU): **{x:.2f}x** trials/hour (target >= 6): "
@@ -202,7 +201,6 @@ def section(rows: list[dict], command: str) -> str:
             x = two["trials_per_hour"] / one["trials_per_hour"]
             ratios.append(f"- 2 GPUs vs 1 ({mode}): **{x:.2f}x** trials/hour (target >= 1.9): "
                           f"{'PASS' if x >= 1.9 else 'FAIL'}")
-    latest = {(r["mode"], r["gpus"]): r for r in rows}  # as the ratios: the latest row of each
     warm = [r["first_step_s_warm"] for r in latest.values() if r["warm_trials"]]
     if warm:
         ratios.append(f"- trial start -> end of first optimizer step on a warm worker: median {min(warm):.1f}-"

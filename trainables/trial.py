@@ -57,6 +57,10 @@ def _step_clock(started: float):
     device counts as CPU time too."""
     from transformers import TrainerCallback
 
+    def _sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     class StepClock(TrainerCallback):
         first_begin = first_end = last_end = first_cpu = None
         later = 0  # steps after the first
@@ -84,10 +88,6 @@ def _step_clock(started: float):
                     "time/first_step_cpu_s": self.first_cpu,
                     "time/later_steps_s": self.last_end - self.first_end,
                     **({"time/later_step_s": (self.last_end - self.first_end) / self.later} if self.later else {})}
-
-    def _sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
 
     return StepClock()
 
