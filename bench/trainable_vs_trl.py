@@ -58,7 +58,11 @@ over block pairs (how far the verdict could move).
 one built second and scheduled as bare is. Its row (same columns, ratio = the first one / the second one) is the
 run's noise floor, including any build-order or position effect, which the real ratio must be read against: on a
 CPU two identical trainers ran 2-10% apart by build order. (A third side in one rotation instead showed a 5-9%
-position bias there, so the control copies the real comparison exactly.)
+position bias there, so the control copies the real comparison exactly.) On the 8B shape too the A/A read 1.083,
+CI 1.012-1.174 (nf4, 2026-11-24): a bias, not noise. --swap therefore runs each case (and control) a second time
+with the build order and ABBA places swapped: a bias b reads r*b in one order and r/b in the other, so the
+verdict is on the geometric mean of the two orders' ratios, with a bootstrap CI over both orders' block pairs;
+the A/A's geometric mean should then read ~1.
 
 HOW PEAK MEMORY IS MEASURED. Both sides are resident, so torch.cuda.max_memory_allocated() during a step holds the
 other side's tensors too. Every allocation is attributed to the side that was running when it stayed allocated:
@@ -112,6 +116,7 @@ SHAPES = ("llama3-8b", "smollm2", "tiny")
 SMOLLM2 = "embedded:smollm2-135m-instruct"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_RATIO, TARGET_SPEEDUP, TARGET_ESTIMATE = 1.02, 3.0, 0.15
+ORDERS = {False: "trainable built first", True: "bare built first"}  # --swap runs both
 # The settings both sides share (TrialConfig defaults where it has one; seed 0 as bench/grit_speed.py).
 LR, LR_WARMUP, WEIGHT_DECAY, SEED, BETA = 2e-4, 5, 0.01, 0, 0.1
 PEAK_BF16 = [  # (substring of torch.cuda.get_device_name, dense bf16 FLOP/s); first match wins
@@ -466,6 +471,23 @@ def ratio_ci(base_blocks, other_blocks):
     return ci.low, ci.high
 
 
+def both_orders(order1: tuple[dict, dict], order2: tuple[dict, dict]) -> dict:
+    """The two orders of --swap, each (base summary, other summary), combined: the geometric mean of their ratios
+    (of means; of medians), and a 95% bootstrap CI of the first, resampling each order's block pairs on their own. A
+    build-order or place bias b reads r*b in one order and r/b in the other; the geometric mean cancels it."""
+    import numpy as np
+
+    def ratio(k):
+        return math.sqrt(order1[1][k] / order1[0][k] * order2[1][k] / order2[0][k])
+
+    pairs = [np.asarray(list(zip(b["blocks"], o["blocks"]))) for b, o in (order1, order2)]
+    rng, stats = np.random.default_rng(0), []
+    for _ in range(2000):
+        r = [p[rng.integers(0, len(p), len(p))] for p in pairs]
+        stats.append(math.sqrt(np.prod([x[:, 1].mean() / x[:, 0].mean() for x in r])))
+    return {"mean": ratio("mean"), "median": ratio("median"), "ci": tuple(np.percentile(stats, [2.5, 97.5]))}
+
+
 def summary(s: Side, warmup: int, block: int | None = None) -> dict:
     ts, ps = s.times[warmup:], s.peaks[warmup:]
     if not ts:
@@ -521,12 +543,26 @@ def release(sides: dict):
 
 
 def run_case(case, env, a) -> dict:
-    """One ABBA comparison at --micro-batch x --grad-accum; with --control, then the A/A pair (run_control)."""
+    """One ABBA comparison at --micro-batch x --grad-accum (with --control, then its A/A pair); with --swap, all of
+    it again with the two sides' build order and schedule places swapped, under res["swapped"]."""
+    res = run_order(case, env, a, swapped=False)
+    if a.swap and "error" not in res and "interrupted" not in res:
+        res["swapped"] = run_order(case, env, a, swapped=True)
+        if "interrupted" in res["swapped"]:  # main() stops after this case, keeping what finished
+            res["interrupted"] = res["swapped"].pop("interrupted")
+    return res
+
+
+def run_order(case, env, a, swapped: bool) -> dict:
+    """Not swapped: the trainable is built (and its train() set up) first and runs second in each ABBA pair; bare
+    is built second and runs first. Swapped: the other way round. A build-order or place effect (the A/A control
+    showed up to 8% on the 8B shape) then multiplies the ratio in one order and divides it in the other."""
     method, precision = case.split("-")
     if precision == "nf4" and not cuda():
         return {"error": "nf4 needs CUDA (bitsandbytes 4-bit on a GPU)"}
     block = min(a.block, a.steps)
-    blocks = abba("bare", "trainable", a.warmup, a.steps, block)
+    first, second = ("trainable", "bare") if swapped else ("bare", "trainable")  # schedule places
+    blocks = abba(first, second, a.warmup, a.steps, block)
     max_steps = sum(n for side, n in blocks if side == "bare")
     ds = data_for(method, env.ckpt, a.seq, max_steps * a.micro_batch * a.grad_accum + 8)
     cfg = trial_config(method, precision, env.model_name, a.seq, a.micro_batch, a.grad_accum, max_steps)
@@ -537,15 +573,22 @@ def run_case(case, env, a) -> dict:
         trainer = build_bare(method, precision, env.ckpt, ds, a.seq, a.micro_batch, a.grad_accum, max_steps, env.tmp)
         sides[name] = Side(name, trainer, allocated() - m0)
 
-    try:
-        free_memory()
+    def add_trainable(sides):
         m0 = allocated()
-        t = time.time()
         trainer, logger, run_id = build_trainable(cfg, ds, env)
         sides["trainable"] = Side("trainable", trainer, allocated() - m0)
-        del trainer  # `sides` holds the only reference: release() must be able to free it
-        add_bare(sides, "bare")
-        log(f"{case}: both trainers built ({time.time() - t:.0f} s); resident GiB: trainable "
+        return logger, run_id  # `sides` holds the only reference to the trainer: release() must be able to free it
+
+    try:
+        free_memory()
+        t = time.time()
+        if swapped:
+            add_bare(sides, "bare")
+            logger, run_id = add_trainable(sides)
+        else:
+            logger, run_id = add_trainable(sides)
+            add_bare(sides, "bare")
+        log(f"{case}: both trainers built, {ORDERS[swapped]} ({time.time() - t:.0f} s); resident GiB: trainable "
             f"{sides['trainable'].resident / 2**30:.2f}, bare {sides['bare'].resident / 2**30:.2f}")
         diffs = setting_differences(sides["bare"].trainer, sides["trainable"].trainer)
         if diffs:
@@ -573,36 +616,38 @@ def run_case(case, env, a) -> dict:
         res["error"] = f"{type(e).__name__}: {str(e)[:200]}"
     finally:
         release(sides)
-    res["notes"] = notes
+    res["notes"] = [f"{ORDERS[swapped]}: {n}" for n in notes] if a.swap else notes
     if a.control and "error" not in res:
         if method == "cita" and f"dpo-{precision}" in a.cases:  # bare DPOTrainer twice, as dpo's control is
-            notes.append(f"A/A control: see dpo-{precision} (the same pair of bare DPO trainers)")
+            res["notes"].append(f"A/A control: see dpo-{precision} (the same pair of bare DPO trainers)")
         else:
-            run_control(res, case, add_bare, a, max_steps, block)
+            run_control(res, case, add_bare, a, max_steps, block, swapped)
     return res
 
 
-def run_control(res, case, add_bare, a, max_steps, block):
-    """The A/A pair: bare-a in the trainable's place (built first, second in each ABBA pair), bare-b in bare's, so
-    the ratio a/b carries any build-order or schedule-position effect the real ratio carries. A failure or the time
-    limit is noted; the real comparison's results stay (a time limit then stops the run after this case)."""
+def run_control(res, case, add_bare, a, max_steps, block, swapped=False):
+    """The A/A pair: bare-a in the trainable's place (its build order and schedule place, swapped or not), bare-b in
+    bare's, so the ratio a/b carries any build-order or schedule-place effect the real ratio carries. A failure or
+    the time limit is noted; the real comparison's results stay (a time limit then stops the run after this case)."""
     sides = {}
+    label = f"{ORDERS[swapped]}: " if a.swap else ""
     try:
         t = time.time()
-        add_bare(sides, "bare-a")
-        add_bare(sides, "bare-b")
-        Interleaver(sides, abba("bare-b", "bare-a", a.warmup, a.steps, block)).run()
+        for name in (("bare-b", "bare-a") if swapped else ("bare-a", "bare-b")):
+            add_bare(sides, name)
+        Interleaver(sides, abba(*(("bare-a", "bare-b") if swapped else ("bare-b", "bare-a")), a.warmup, a.steps,
+                                block)).run()
         log(f"{case}: A/A control, {max_steps} steps per side in {time.time() - t:.0f} s")
         res["control"] = {k: summary(s, a.warmup, block) for k, s in sides.items()}
         ca, cb = res["control"]["bare-a"], res["control"]["bare-b"]
         if "mean" in ca and "mean" in cb:
-            res["notes"].append(ratio_note("A/A bare-a/bare-b", cb, ca))
+            res["notes"].append(label + ratio_note("A/A bare-a/bare-b", cb, ca))
     except Interrupted as e:
-        res["notes"].append(f"A/A control stopped by the time limit ({e})")
+        res["notes"].append(f"{label}A/A control stopped by the time limit ({e})")
         res["interrupted"] = e
     except Exception as e:  # noqa: BLE001 - the real comparison above still counts
         traceback.print_exc()
-        res["notes"].append(f"A/A control failed: {type(e).__name__}: {str(e)[:200]}")
+        res["notes"].append(f"{label}A/A control failed: {type(e).__name__}: {str(e)[:200]}")
     finally:
         release(sides)
 
@@ -733,7 +778,8 @@ def report(results, a) -> str:
         f"bare = from_pretrained + TRL trainer by hand (LoRA: get_peft_model for SFT, peft_config for DPO: "
         f"reference = adapter disabled on both sides), report_to none. Both resident; steps "
         f"alternate ABBA in blocks of {min(a.block, a.steps)} after {a.warmup} warmup steps each"
-        f"{' (A/A control: two more bare trainers, the same schedule)' if a.control else ''}; "
+        f"{' (A/A control: two more bare trainers, the same schedule)' if a.control else ''}"
+        f"{'; each case twice, the second time with the build order and ABBA places swapped, the verdict on the two orders geometric mean' if a.swap else ''}; "
         f"step = on_step_begin to next on_step_begin with device syncs (logging + next batch fetch included). "
         f"Peaks: max_memory_allocated during a side's steps minus the other side's resident bytes. Estimate = "
         f"trainables.memory.estimate_peak; error vs the trainable's peak. {versions}; host {platform.node()}. "
@@ -745,37 +791,64 @@ def report(results, a) -> str:
     notes = []
     for case in a.cases:
         res = results.get(case, {"error": "not run"})
-        label = case + (" (bare: DPOTrainer)" if case.startswith("cita") else "")
-        for n in res.get("notes", []):
-            notes.append(f"- {case}: {n}")
-        b, t = res.get("bare", {}), res.get("trainable", {})
-        errs = [f"{k}: {r['error']}" for k, r in (("bare", b), ("trainable", t)) if r.get("error")]
-        if "mean" not in b or "mean" not in t:
-            err = res.get("error") or "no timing"
-            lines.append(f"| {label} | {fmt(b.get('mean'))} | {fmt(t.get('mean'))} | - | ERROR: "
-                         f"{'; '.join(errs) or err} | | | | |")
-            continue
-        ratios = t["mean"] / b["mean"], t["median"] / b["median"]
-        verdict = "pass" if max(ratios) <= TARGET_RATIO else "FAIL"
-        if errs:  # a side that failed partway: its timed steps so far, marked
-            verdict = "ERROR partway (" + "; ".join(errs) + ")"
-        est = res.get("estimate", float("nan"))
-        err_pct = 100 * (est - t["peak"]) / t["peak"] if t["peak"] == t["peak"] and t["peak"] > 0 else float("nan")
-        if not math.isnan(err_pct):
-            verdict += "; estimate " + ("ok" if abs(err_pct) <= 100 * TARGET_ESTIMATE else "OFF")
-        lines.append(f"| {label} | {b['mean']:.3f} / {b['median']:.3f} | {t['mean']:.3f} / {t['median']:.3f} | "
-                     f"{ratios[0]:.3f} / {ratios[1]:.3f} | {verdict} | {fmt(b['peak'], '.2f')} | "
-                     f"{fmt(t['peak'], '.2f')} | {fmt(est, '.2f')} | {fmt(err_pct, '+.1f')} |")
-        ca, cb = res.get("control", {}).get("bare-a", {}), res.get("control", {}).get("bare-b", {})
-        if "mean" in ca and "mean" in cb:  # the A/A row: bare in both places, same build order and schedule
-            errs = [f"{k}: {r['error']}" for k, r in (("bare-a", ca), ("bare-b", cb)) if r.get("error")]
-            lines.append(f"| {case}: A/A control | {cb['mean']:.3f} / {cb['median']:.3f} | {ca['mean']:.3f} / "
-                         f"{ca['median']:.3f} | {ca['mean'] / cb['mean']:.3f} / {ca['median'] / cb['median']:.3f} | "
-                         f"noise floor (bare in both places){'; ERROR partway (' + '; '.join(errs) + ')' if errs else ''}"
-                         f" | {fmt(cb['peak'], '.2f')} | {fmt(ca['peak'], '.2f')} | | |")
+        orders = [(False, res)] + ([(True, res["swapped"])] if "swapped" in res else [])
+        for swapped, r in orders:
+            notes += [f"- {case}: {n}" for n in r.get("notes", [])]
+            lines += order_rows(case, r, f", {ORDERS[swapped]}" if a.swap else "", final=not a.swap)
+        if a.swap:
+            lines += combined_rows(case, orders)
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
+
+
+def order_rows(case, res, order_label: str, final: bool) -> list[str]:
+    """The table rows of one order: the comparison (its verdict only when `final`) and its A/A control."""
+    label = case + (" (bare: DPOTrainer)" if case.startswith("cita") else "") + order_label
+    b, t = res.get("bare", {}), res.get("trainable", {})
+    errs = [f"{k}: {r['error']}" for k, r in (("bare", b), ("trainable", t)) if r.get("error")]
+    if "mean" not in b or "mean" not in t:
+        err = res.get("error") or "no timing"
+        return [f"| {label} | {fmt(b.get('mean'))} | {fmt(t.get('mean'))} | - | ERROR: {'; '.join(errs) or err} "
+                "| | | | |"]
+    ratios = t["mean"] / b["mean"], t["median"] / b["median"]
+    verdict = ("pass" if max(ratios) <= TARGET_RATIO else "FAIL") if final else "one order (see both)"
+    if errs:  # a side that failed partway: its timed steps so far, marked
+        verdict = "ERROR partway (" + "; ".join(errs) + ")"
+    est = res.get("estimate", float("nan"))
+    err_pct = 100 * (est - t["peak"]) / t["peak"] if t["peak"] == t["peak"] and t["peak"] > 0 else float("nan")
+    if not math.isnan(err_pct):
+        verdict += "; estimate " + ("ok" if abs(err_pct) <= 100 * TARGET_ESTIMATE else "OFF")
+    rows = [f"| {label} | {b['mean']:.3f} / {b['median']:.3f} | {t['mean']:.3f} / {t['median']:.3f} | "
+            f"{ratios[0]:.3f} / {ratios[1]:.3f} | {verdict} | {fmt(b['peak'], '.2f')} | "
+            f"{fmt(t['peak'], '.2f')} | {fmt(est, '.2f')} | {fmt(err_pct, '+.1f')} |"]
+    ca, cb = res.get("control", {}).get("bare-a", {}), res.get("control", {}).get("bare-b", {})
+    if "mean" in ca and "mean" in cb:  # the A/A row: bare in both places, same build order and schedule
+        errs = [f"{k}: {r['error']}" for k, r in (("bare-a", ca), ("bare-b", cb)) if r.get("error")]
+        rows.append(f"| {case}: A/A control{order_label} | {cb['mean']:.3f} / {cb['median']:.3f} | {ca['mean']:.3f} / "
+                    f"{ca['median']:.3f} | {ca['mean'] / cb['mean']:.3f} / {ca['median'] / cb['median']:.3f} | "
+                    f"noise floor (bare in both places){'; ERROR partway (' + '; '.join(errs) + ')' if errs else ''}"
+                    f" | {fmt(cb['peak'], '.2f')} | {fmt(ca['peak'], '.2f')} | | |")
+    return rows
+
+
+def combined_rows(case, orders) -> list[str]:
+    """--swap: the two orders' geometric mean (the verdict) and the same for the A/A control (should read ~1)."""
+    def both(results, base, other):
+        got = [(r.get(base, {}), r.get(other, {})) for r in results]
+        return both_orders(*got) if len(got) == 2 and all("blocks" in x for g in got for x in g) else None
+
+    real = both([r for _, r in orders], "bare", "trainable")
+    if real is None:
+        return [f"| {case}, both orders | | | - | not measured in both orders | | | | |"]
+    verdict = "pass" if max(real["mean"], real["median"]) <= TARGET_RATIO else "FAIL"
+    rows = [f"| **{case}, both orders** (geometric mean) | | | {real['mean']:.3f} / {real['median']:.3f} | "
+            f"**{verdict}**; 95% CI {real['ci'][0]:.3f}..{real['ci'][1]:.3f} | | | | |"]
+    aa = both([r.get("control", {}) for _, r in orders], "bare-b", "bare-a")
+    if aa is not None:
+        rows.append(f"| {case}: A/A control, both orders | | | {aa['mean']:.3f} / {aa['median']:.3f} | noise floor; "
+                    f"95% CI {aa['ci'][0]:.3f}..{aa['ci'][1]:.3f} | | | | |")
+    return rows
 
 
 def planner_report(results, a) -> str:
@@ -851,6 +924,9 @@ def main():
     ap.add_argument("--block", type=int, default=5, help="steps per block in the ABBA alternation")
     ap.add_argument("--control", action="store_true",
                     help="then time two fresh bare trainers on the same schedule: an A/A row per case (noise floor)")
+    ap.add_argument("--swap", action="store_true",
+                    help="run each case (and its control) again with the two sides' build order and schedule places "
+                         "swapped; the verdict is the two orders' geometric mean, which cancels a build-order bias")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; --tiny 64)")
     ap.add_argument("--micro-batch", type=int, default=1, help="micro-batch of both sides (not --planner)")
     ap.add_argument("--grad-accum", type=int, default=1, help="accumulation of both sides (not --planner)")
@@ -879,6 +955,8 @@ def main():
     if a.cases is None:
         a.cases = ([c.replace("bf16", "fp32") for c in PLANNER_CASES] if a.tiny else PLANNER_CASES) if a.planner \
             else ([f"{m}-fp32" for m in METHODS] if a.tiny else GPU_CASES)
+    if a.planner and a.swap:
+        ap.error("--swap applies to the side-by-side comparison; --planner runs its sides one after the other")
     if a.planner and a.shape != "llama3-8b":
         log(f"note: --planner targets the 8B shape; running it on {a.shape}")
 

@@ -196,7 +196,7 @@ def test_report_puts_the_aa_pair_in_the_real_pairs_places():
 
     tvt = _tvt()
     a = argparse.Namespace(cases=["dpo-fp32"], seq=64, micro_batch=1, grad_accum=1, block=1, steps=3, warmup=0,
-                           control=True, shape="tiny")
+                           control=True, shape="tiny", swap=False)
     base, other = _side(1.0, 1.0, [1.0, 1.0, 1.0]), _side(1.1, 1.1, [1.1, 1.1, 1.1])
     res = {"bare": _side(2.0, 2.0, [2.0] * 3), "trainable": _side(2.2, 2.2, [2.2] * 3), "estimate": 0.1,
            "control": {"bare-a": other, "bare-b": base},
@@ -208,11 +208,52 @@ def test_report_puts_the_aa_pair_in_the_real_pairs_places():
     assert "| dpo-fp32 | 2.000 / 2.000 | 2.200 / 2.200 | 1.100 / 1.100 | FAIL" in text
 
 
+def test_both_orders_cancel_a_build_order_bias_that_one_order_reads_as_a_difference():
+    """A side built first runs 8% slower whatever its code: order 1 reads r*1.08, order 2 r/1.08. The geometric mean
+    gives r back exactly (an arithmetic mean of the two ratios would read r*1.003); the A/A pair reads 1."""
+    import random
+
+    tvt = _tvt()
+    rng = random.Random(0)
+    r, bias = 1.01, 1.08
+    base1 = [0.7 * rng.lognormvariate(0, 0.05) for _ in range(30)]
+    base2 = [0.7 * rng.lognormvariate(0, 0.05) for _ in range(30)]
+
+    def side(blocks):
+        return _side(sum(blocks) / len(blocks), sorted(blocks)[len(blocks) // 2], blocks)
+
+    order1 = side(base1), side([x * r * bias for x in base1])  # the trainable built first: slowed
+    order2 = side(base2), side([x * r / bias for x in base2])  # bare built first: bare slowed
+    both = tvt.both_orders(order1, order2)
+    assert abs(both["mean"] - r) < 1e-9 and abs(both["median"] - r) < 1e-9
+    assert both["ci"][0] <= r <= both["ci"][1]
+    assert order1[1]["mean"] / order1[0]["mean"] > 1.08  # one order alone reads the bias as a difference
+    aa = tvt.both_orders((side(base1), side([x * bias for x in base1])), (side(base2), side([x / bias for x in base2])))
+    assert abs(aa["mean"] - 1) < 1e-9
+
+
+def test_swapped_report_gives_the_verdict_on_both_orders_only():
+    import argparse
+
+    tvt = _tvt()
+    a = argparse.Namespace(cases=["sft-fp32"], seq=64, micro_batch=1, grad_accum=1, block=1, steps=3, warmup=0,
+                           control=False, shape="tiny", swap=True)
+    order1 = {"bare": _side(1.0, 1.0, [1.0] * 3), "trainable": _side(1.1, 1.1, [1.1] * 3), "estimate": 1.0, "notes": []}
+    order2 = {"bare": _side(1.1, 1.1, [1.1] * 3), "trainable": _side(1.0, 1.0, [1.0] * 3), "estimate": 1.0, "notes": []}
+    text = tvt.report({"sft-fp32": {**order1, "swapped": order2}}, a)
+    rows = [r for r in text.splitlines() if r.startswith("| sft-fp32") or r.startswith("| **sft-fp32")]
+    assert len(rows) == 3, rows
+    assert rows[0].startswith("| sft-fp32, trainable built first | 1.000 / 1.000 | 1.100 / 1.100 | 1.100 / 1.100 | "
+                              "one order (see both)")
+    assert rows[1].startswith("| sft-fp32, bare built first | 1.100 / 1.100 | 1.000 / 1.000 | 0.909 / 0.909 | one order")
+    assert rows[2].startswith("| **sft-fp32, both orders** (geometric mean) | | | 1.000 / 1.000 | **pass**")
+
+
 def test_a_failed_or_interrupted_aa_control_keeps_the_real_comparison():
     import argparse
 
     tvt = _tvt()
-    a = argparse.Namespace(warmup=0, steps=2)
+    a = argparse.Namespace(warmup=0, steps=2, swap=False)
 
     def stopped(sides, name):
         raise tvt.Interrupted("signal 15")
@@ -229,20 +270,27 @@ def test_a_failed_or_interrupted_aa_control_keeps_the_real_comparison():
 
 
 def test_trainable_vs_trl_runs_end_to_end_with_the_aa_control(tmp_path):
-    """The whole script on the CPU (tiny Llama): both pairs interleave, the table has the real and the A/A rows,
-    and CITA points to DPO's control instead of repeating it."""
+    """The whole script on the CPU (tiny Llama): both pairs interleave in both build orders (--swap), the table has
+    the real and the A/A rows of each order and their combination, and CITA points to DPO's control instead of
+    repeating it."""
     out = tmp_path / "bench.md"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "trainable_vs_trl.py"), "--tiny", "--cases", "dpo-fp32", "cita-fp32",
-         "--steps", "2", "--block", "1", "--warmup", "1", "--control", "--bench-file", str(out)],
+         "--steps", "2", "--block", "1", "--warmup", "1", "--control", "--swap", "--bench-file", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
     rows = [r for r in text.splitlines() if r.startswith("| ")]
-    assert any(r.startswith("| dpo-fp32 | ") for r in rows) and any(r.startswith("| cita-fp32 (bare") for r in rows)
-    assert any(r.startswith("| dpo-fp32: A/A control | ") and "noise floor" in r for r in rows)
+    for order in ("trainable built first", "bare built first"):
+        assert f"dpo-fp32: both trainers built, {order}" in proc.stdout
+        assert any(r.startswith(f"| dpo-fp32, {order} | ") for r in rows)
+        assert any(r.startswith(f"| cita-fp32 (bare: DPOTrainer), {order} | ") for r in rows)
+        assert any(r.startswith(f"| dpo-fp32: A/A control, {order} | ") and "noise floor" in r for r in rows)
+        assert f"- dpo-fp32: {order}: A/A bare-a/bare-b:" in text
+    assert any(r.startswith("| **dpo-fp32, both orders**") for r in rows)
+    assert any(r.startswith("| dpo-fp32: A/A control, both orders | ") for r in rows)
     assert not any(r.startswith("| cita-fp32: A/A") for r in rows)
-    assert "- cita-fp32: A/A control: see dpo-fp32" in text and "- dpo-fp32: A/A bare-a/bare-b:" in text
+    assert "- cita-fp32: A/A control: see dpo-fp32" in text
 
 
 def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_model, capsys, monkeypatch):
