@@ -35,34 +35,37 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # cases, nf4 again after the reference change) and SmolLM2 (with A/A controls), the planner, packing without Ray
 # (--scaling), the packed sweep against one trial per GPU on one VM (7.9x), 2 GPUs against 1 (2.05x, H200 x2),
 # the first step on a warm worker alone (PASS, every kind; also in a thread per trial with one thread) and in a
-# per-GPU sweep (3.6 s median), the study's projected cost (once). Open: why a Ray trial's step 1 takes 2.4 s
-# (median) against 0.3-0.75 s alone: the per-GPU sweep and first-step now run the same seed (1) and log step 1's
-# thread CPU time (waited or worked); the cost re-run. VMs differ by up to 40% in speed: compare rows of one run
-# only. Later sessions run with SKIP= naming what finished.
+# per-GPU sweep (3.6 s median), the study's projected cost (once). VMs differ by up to 40% in speed: compare rows
+# of one run only. Later sessions run with SKIP= naming what finished.
+#
+# Open 1: why a Ray trial's step 1 took 1.2-3.7 s (per-GPU sweep, seed 1, 2026-11-24) against 0.30-0.75 s alone
+# (seed 42). first_step now runs seed 1, the sweep's; in a thread per trial with OMP_NUM_THREADS=1, as a Ray
+# worker's environment has it; then profiled (cProfile slows the Python-heavy setup: where the seconds go, not
+# clean times).
+step first-step-in-thread 400 env OMP_NUM_THREADS=1 python bench/first_step.py \
+                     ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 --in-thread --bench-file "$ADD"
+step first-step-profile 400 python bench/first_step.py --kinds sft-lora-bf16 dpo-lora-bf16 cita-lora-nf4 \
+                     dpo-grit-nf4 --profile --profile-over 2
+# Open 2: trainable / bare TRL <= 1.02. The A/A control read 1.083 (8B dpo-nf4, 2026-11-24): a build-order bias,
+# which --swap cancels (both orders, geometric mean). ~6 min per 8B case with the control.
+step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control --swap \
+                     --bench-file "$ADD"
+step tvt-8b-bf16 1200 python bench/trainable_vs_trl.py --cases dpo-bf16 sft-bf16 --steps 30 --block 1 --control --swap \
+                     --bench-file "$ADD"
+step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --steps 30 --block 1 --control --swap \
+                     --bench-file "$ADD"
 # Packing: the per-GPU baseline in full (12 trials, ~9-11 min) and packed (36 trials, ~4 min), one VM, one file.
 # packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
-# PACKING_MODES=packed PACKING_GPUS="1 2 1 2" on a two-GPU host (~4 x 220 s) measures the scaling target (2 GPUs >= 1.9x trials/hour of one): the
-# section rates the latest row of each count, so the first sweep on a fresh VM (508 against 628 trials/h on one
-# H200 on 2026-11-24: it converted the SmolLM2 GGUF once, ~50 s) does not count.
+# PACKING_MODES=packed PACKING_GPUS="1 2 1 2" on a two-GPU host (~4 x 220 s) measures the scaling target (2 GPUs
+# >= 1.9x trials/hour of one): the section rates the latest row of each count, so the first sweep on a fresh VM
+# (508 against 628 trials/h on one H200 on 2026-11-24: it converted the SmolLM2 GGUF once, ~50 s) does not count.
 step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
-# Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it); then
-# with one torch thread, as a Ray trial of the local GPU profile runs (no change, 2026-11-24), and in a thread per
-# trial with OMP_NUM_THREADS=1 as a Ray worker's environment has it (2026-11-24, without the variable: step 1
-# 0.30-0.75 s, against 1.2-3.7 s in a per-GPU sweep on the same VM); then profiled further below.
+# Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it), with
+# torch's threads and with one.
 step first-step  400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
 step first-step-1thread 400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 \
                      --bench-file "$ADD"
-step first-step-in-thread 400 env OMP_NUM_THREADS=1 python bench/first_step.py \
-                     ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 --in-thread --bench-file "$ADD"
-# The 8B nf4 rows with their A/A controls (the noise floor): 2026-11-24, sft-nf4 0.933, dpo-nf4 1.033 (A/A 1.083).
-step tvt-8b-nf4  600 python bench/trainable_vs_trl.py --cases sft-nf4 dpo-nf4 --steps 30 --block 1 --control \
-                     --bench-file "$ADD"
-# The SmolLM2 rows that failed <= 1.02 on 2026-11-23, again, with the A/A control.
-step tvt-smollm2 660 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 sft-nf4 dpo-nf4 cita-nf4 \
-                     --steps 40 --block 1 --control --bench-file "$ADD"
-# cProfile slows the Python-heavy setup: where the seconds go, not clean times.
-step first-step-profile 400 python bench/first_step.py --kinds sft-lora-bf16 dpo-lora-bf16 dpo-grit-nf4 --profile
 # The projected cost of the study again, now with a warm-up trial taking the process's cold start: the random 8B
 # checkpoint (kept from an earlier step on this VM), one short calibration trial per method x adapter x
 # precision (12 8B trials, ~1 min each), then the projection.
