@@ -91,11 +91,12 @@ def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = 
                        "warm_kind": run.data.tags.get("warm_kind"),
                        "setup_s": m["time/setup_s"], "before_s": m["time/before_first_step_s"],
                        "step1_s": m["time/first_step_s"], "step1_cpu_s": m["time/first_step_cpu_s"],
+                       "step1_gc_s": m["time/first_step_gc_s"],
                        "to_first_s": m["time/to_first_step_s"],
                        "later_step_s": m.get("time/later_step_s", float("nan"))}
                 rows.append(row)
                 print(f"{kind} #{i} (warm_kind={row['warm_kind']}): setup {row['setup_s']:.2f} s, before step 1 "
-                      f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s ({row['step1_cpu_s']:.2f} s CPU), "
+                      f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s ({row['step1_cpu_s']:.2f} s CPU, {row['step1_gc_s']:.2f} s GC), "
                       f"to end of step 1 {row['to_first_s']:.2f} s; later steps {row['later_step_s']:.3f} s each",
                       flush=True)
                 if profiler and row["to_first_s"] > profile_over:
@@ -138,12 +139,12 @@ def section(rows: list[dict], command: str, machine: str) -> str:
              f"`{command}` on {machine}, seed {rows[0]['seed'] if rows else '?'}: trials one after another in one "
              "process (a reused worker); "
              "warm kind = this process ran the method-adapter-precision before.", "",
-             "| kind | # | warm kind | setup s | before step 1 s | step 1 s (thread CPU s) | to end of step 1 s | "
+             "| kind | # | warm kind | setup s | before step 1 s | step 1 s (thread CPU s; GC s) | to end of step 1 s | "
              "later step s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['i']} | {r['warm_kind']} | {r['setup_s']:.2f} | {r['before_s']:.2f} | "
-                     f"{r['step1_s']:.2f} ({r['step1_cpu_s']:.2f}) | {r['to_first_s']:.2f} | "
+                     f"{r['step1_s']:.2f} ({r['step1_cpu_s']:.2f}; {r['step1_gc_s']:.2f}) | {r['to_first_s']:.2f} | "
                      f"{r['later_step_s']:.3f} |")
     warm = [r["to_first_s"] for r in rows[1:]]  # every trial after the process's first runs on a warm worker
     if warm:

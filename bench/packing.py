@@ -152,6 +152,12 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
         "warm_before_step1_s": _median(values("time/before_first_step_s", warm_worker="true")),
         "warm_step1_s": _median(values("time/first_step_s", warm_worker="true")),
         "warm_step1_cpu_s": _median(values("time/first_step_cpu_s", warm_worker="true")),  # waited or worked
+        "warm_step1_gc_s": _median(values("time/first_step_gc_s", warm_worker="true")),  # collections in step 1
+        # each warm trial's step 1, in start order: (label, before, step 1, its thread CPU, its GC) seconds
+        "warm_step1_by_trial": [[r.data.tags.get("mlflow.runName", "?")] + [
+            round(r.data.metrics.get(f"time/{m}_s", float("nan")), 3)
+            for m in ("before_first_step", "first_step", "first_step_cpu", "first_step_gc")]
+            for r in sorted(done, key=lambda r: r.info.start_time) if r.data.tags.get("warm_worker") == "true"],
         # a later step (to set beside bench/first_step.py's, alone) and Tune's blocking progress reports
         "later_step_s_median": _median(values("time/later_step_s")),
         "report_wait_s_median": _median(values("time/report_wait_s")),
@@ -175,7 +181,7 @@ def section(rows: list[dict], command: str) -> str:
              f"`{command}`: the multi-seed study, profile local on a GPU (SmolLM2, bf16 + nf4); each row is its own "
              "sweep in a fresh local Ray with the CPUs and GPUs shown.", "",
              "| mode | GPUs | CPUs | trials (finished) | wall s | trials/h | trial s (median) | setup / train / eval s "
-             "(medians) | first step s cold / warm (n warm) | warm: before / in step 1 s (thread CPU) | warm, kind seen / new s | later step s / "
+             "(medians) | first step s cold / warm (n warm) | warm: before / in step 1 s (thread CPU; GC) | warm, kind seen / new s | later step s / "
              "report wait s per trial (medians) | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -184,7 +190,8 @@ def section(rows: list[dict], command: str) -> str:
                      f"{' / '.join(f'{v:.1f}' for v in r.get('phase_s_median', {}).values()) or 'n/a'} | "
                      f"{r['first_step_s_cold']:.1f} / "
                      f"{r['first_step_s_warm']:.1f} ({r['warm_trials']}) | {r.get('warm_before_step1_s', nan):.1f} / "
-                     f"{r.get('warm_step1_s', nan):.1f} ({r.get('warm_step1_cpu_s', nan):.1f}) | "
+                     f"{r.get('warm_step1_s', nan):.1f} ({r.get('warm_step1_cpu_s', nan):.1f}; "
+                     f"{r.get('warm_step1_gc_s', nan):.2f}) | "
                      f"{' / '.join(f'{v:.1f}' for v in r.get('warm_first_step_s_by_kind', {}).values()) or 'n/a'} | "
                      f"{r.get('later_step_s_median', nan):.3f} / {r.get('report_wait_s_median', nan):.2f} | "
                      f"{', '.join(r['gpu_shares'])} | {r['gpu_mem_peak_mib']:.0f} | "

@@ -104,6 +104,32 @@ def test_the_step_clock_tells_waiting_from_working_in_step_1(runs, tiny_model):
     assert metrics["time/first_step_s"] - metrics["time/first_step_cpu_s"] >= 0.45
 
 
+def test_the_step_clock_times_garbage_collections_in_step_1_only(runs, tiny_model):
+    """time/first_step_gc_s: the collections inside step 1 (here one full collection over a large heap), not step
+    2's; the gc hook is gone after the trial (a reused worker must not pile them up)."""
+    import gc
+    import time
+
+    from transformers import TrainerCallback
+
+    junk = [[i] for i in range(300_000)]  # a heap a full collection has to walk
+    took = {}
+
+    class CollectInSteps1And2(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step < 2:
+                t = time.perf_counter()
+                gc.collect()
+                took[state.global_step] = time.perf_counter() - t
+
+    hooks = len(gc.callbacks)
+    client = tracking.client(runs)
+    metrics = run_trial(tiny_trial(method="sft", max_steps=3), "a", runs, tracking.ensure_experiment(client, "t"),
+                        callbacks=[CollectInSteps1And2()])
+    assert len(junk) and len(gc.callbacks) == hooks
+    assert 0.9 * took[0] <= metrics["time/first_step_gc_s"] < took[0] + 0.5 * took[1]
+
+
 def test_a_worker_loads_a_tokenizer_once_and_hands_each_trial_its_own_copy(tiny_model, monkeypatch):
     from trainables import models
 

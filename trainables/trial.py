@@ -54,7 +54,10 @@ def _step_clock(started: float):
     of the last step (what a longer run of this trial adds per step), later_step = its mean per step.
     first_step_cpu_s: the training thread's own CPU time in step 1. Far below first_step_s, the thread waited (a
     lock, the GIL held by another thread, I/O); close to it is ambiguous, since CUDA's default spin-wait for the
-    device counts as CPU time too."""
+    device counts as CPU time too. first_step_gc_s: the process's garbage collections during step 1 (in any
+    thread: a collection stops them all), whose cost grows with everything alive in the process."""
+    import gc
+
     from transformers import TrainerCallback
 
     def _sync():
@@ -62,12 +65,21 @@ def _step_clock(started: float):
             torch.cuda.synchronize()
 
     class StepClock(TrainerCallback):
-        first_begin = first_end = last_end = first_cpu = None
+        first_begin = first_end = last_end = first_cpu = gc_started = None
         later = 0  # steps after the first
+        first_gc = 0.0
+
+        def _time_gc(self, phase, info):
+            if phase == "start":
+                self.gc_started = time.perf_counter()
+            elif self.gc_started is not None:
+                self.first_gc += time.perf_counter() - self.gc_started
+                self.gc_started = None
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.first_begin is None:
                 _sync()  # once per trial, at both ends of step 1: the step alone, its device work included
+                gc.callbacks.append(self._time_gc)
                 self.first_begin, self.first_cpu = time.perf_counter(), time.thread_time()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -75,9 +87,14 @@ def _step_clock(started: float):
                 _sync()
                 self.first_end = self.last_end = time.perf_counter()
                 self.first_cpu = time.thread_time() - self.first_cpu
+                self.stop_gc_timing()
             else:
                 self.last_end = time.perf_counter()
                 self.later += 1
+
+        def stop_gc_timing(self):  # after step 1, or when training fails inside it
+            if self._time_gc in gc.callbacks:
+                gc.callbacks.remove(self._time_gc)
 
         def metrics(self) -> dict[str, float]:
             if self.first_end is None:  # no step finished
@@ -85,7 +102,7 @@ def _step_clock(started: float):
             return {"time/to_first_step_s": self.first_end - started,
                     "time/before_first_step_s": self.first_begin - started,
                     "time/first_step_s": self.first_end - self.first_begin,
-                    "time/first_step_cpu_s": self.first_cpu,
+                    "time/first_step_cpu_s": self.first_cpu, "time/first_step_gc_s": self.first_gc,
                     "time/later_steps_s": self.last_end - self.first_end,
                     **({"time/later_step_s": (self.last_end - self.first_end) / self.later} if self.later else {})}
 
@@ -108,6 +125,8 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
         trainer.train()
     except torch.OutOfMemoryError as err:
         raise TrainingOOM(f"micro_batch={cfg.micro_batch}: {err}") from None
+    finally:
+        steps.stop_gc_timing()
     phases["time/train_s"] = time.perf_counter() - clock
     phases.update(steps.metrics())
     clock = time.perf_counter()
