@@ -5,6 +5,7 @@ process (as a reused Ray worker runs them), each kind --repeat times (2), option
     python bench/first_step.py --kinds dpo-lora-bf16 cita-lora-bf16 --repeat 3
     python bench/first_step.py --threads 1                       # torch threads as in a Ray trial of 1 CPU
     python bench/first_step.py --in-thread                       # a thread per trial, as Ray Tune runs it
+    python bench/first_step.py --as-sweep --repeat 1             # whole trials (evaluation, generations)
 
 Each trial is a real `run_trial` (MLflow run in a temporary store, the local profile's config of the multi-seed
 study, a few steps, no generations). Per trial: the step clock (trainables.trial._step_clock: before the first
@@ -33,14 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def kind_configs(steps: int, n_eval: int, model: str | None = None, seed: int | None = None) -> dict[str, dict]:
+def kind_configs(steps: int | None, n_eval: int, model: str | None = None, seed: int | None = None) -> dict[str, dict]:
     """One config per method-adapter-precision of the multi-seed study under the local profile (what the
-    packing benchmark's trials train), shortened to `steps` steps, `n_eval` pairs and no generations; `model`
-    and `seed` replace the profile's."""
+    packing benchmark's trials train), shortened to `steps` steps, `n_eval` pairs and no generations (steps None:
+    as the sweep runs them, evaluation and generations included); `model` and `seed` replace the profile's."""
     from packing import local_kinds
 
-    return {kind: c.model_dump(mode="json") | {"max_steps": steps, "n_eval": n_eval,
-                                               "eval": c.eval.model_dump() | {"n_generate": 0}}
+    short = {} if steps is None else {"max_steps": steps, "n_eval": n_eval}
+    return {kind: c.model_dump(mode="json") | short
+            | ({"eval": c.eval.model_dump() | {"n_generate": 0}} if short else {})
             | ({"model": model} if model else {}) | ({"seed": seed} if seed is not None else {})
             for kind, c in local_kinds().items()}
 
@@ -52,7 +54,7 @@ def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
     return text[text.find("   ncalls"):]  # the table, without pstats' preamble
 
 
-def run(kinds: list[str], repeat: int, steps: int, n_eval: int, profile: bool = False, profile_over: float = 3.0,
+def run(kinds: list[str], repeat: int, steps: int | None, n_eval: int, profile: bool = False, profile_over: float = 3.0,
         model: str | None = None, threads: int | None = None, in_thread: bool = False,
         seed: int | None = None) -> list[dict]:
     from grit_speed import callback
@@ -161,6 +163,9 @@ def main():
                     "local profile's, e.g. sft-lora-bf16 dpo-grit-nf4)")
     ap.add_argument("--repeat", type=int, default=2, help="trials of each kind, one after another")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps per trial")
+    ap.add_argument("--as-sweep", action="store_true", help="each trial as the sweep runs it (the profile's steps, "
+                    "held-out pairs and generations; not --steps/--n-eval): does a whole previous trial (its "
+                    "evaluation, its generations) slow the next trial's first step, as in a Ray sweep?")
     ap.add_argument("--n-eval", type=int, default=8, help="held-out pairs each trial scores (no generations)")
     ap.add_argument("--model", default=None, help="model id or local checkpoint (default: the local profile's)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of the slow trials' start")
@@ -179,8 +184,9 @@ def main():
         ap.error("--in-thread and --profile: cProfile sees only the thread it started in; choose one")
     import torch
 
-    kinds = a.kinds or list(kind_configs(a.steps, a.n_eval))
-    rows = run(kinds, a.repeat, a.steps, a.n_eval, a.profile, a.profile_over, a.model,
+    steps = None if a.as_sweep else a.steps
+    kinds = a.kinds or list(kind_configs(steps, a.n_eval))
+    rows = run(kinds, a.repeat, steps, a.n_eval, a.profile, a.profile_over, a.model,
                a.threads, a.in_thread, a.seed)
     machine = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU") + f", {platform.node()}"
     from grit_speed import publish

@@ -38,10 +38,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # per-GPU sweep (3.6 s median), the study's projected cost (once). VMs differ by up to 40% in speed: compare rows
 # of one run only. Later sessions run with SKIP= naming what finished.
 #
-# Open 1: why a Ray trial's step 1 took 1.2-3.7 s (per-GPU sweep, seed 1, 2026-11-24) against 0.30-0.75 s alone
-# (seed 42). first_step now runs seed 1, the sweep's; in a thread per trial with OMP_NUM_THREADS=1, as a Ray
-# worker's environment has it; then profiled (cProfile slows the Python-heavy setup: where the seconds go, not
-# clean times).
+# Open 1: why a Ray trial's step 1 takes 1.5-4.0 s (per-GPU sweep, seed 1, 2026-11-24: thread CPU 90-95% of it,
+# GC ~0) against 0.38-1.0 s alone in a thread per trial with OMP_NUM_THREADS=1 at the same seed (CPU 0.26-0.70 s).
+# The alone runs were short trials without generations; --as-sweep runs whole trials (60 steps, evaluation,
+# generations) one after another, as a sweep's worker does: if step 1 is slow now, a previous trial's
+# evaluation or generation leaves the process slow, not Ray. Trials are now tagged with their worker's pid and
+# their number in it, and step 1 logs its cudaMalloc calls.
+step first-step-as-sweep 900 env OMP_NUM_THREADS=1 python bench/first_step.py --as-sweep --repeat 1 --threads 1 \
+                     --in-thread ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
 step first-step-in-thread 400 env OMP_NUM_THREADS=1 python bench/first_step.py \
                      ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 --in-thread --bench-file "$ADD"
 step first-step-profile 400 python bench/first_step.py --kinds sft-lora-bf16 dpo-lora-bf16 cita-lora-nf4 \

@@ -153,11 +153,14 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
         "warm_step1_s": _median(values("time/first_step_s", warm_worker="true")),
         "warm_step1_cpu_s": _median(values("time/first_step_cpu_s", warm_worker="true")),  # waited or worked
         "warm_step1_gc_s": _median(values("time/first_step_gc_s", warm_worker="true")),  # collections in step 1
-        # each warm trial's step 1, in start order: (label, before, step 1, its thread CPU, its GC) seconds
-        "warm_step1_by_trial": [[r.data.tags.get("mlflow.runName", "?")] + [
-            round(r.data.metrics.get(f"time/{m}_s", float("nan")), 3)
-            for m in ("before_first_step", "first_step", "first_step_cpu", "first_step_gc")]
-            for r in sorted(done, key=lambda r: r.info.start_time) if r.data.tags.get("warm_worker") == "true"],
+        # each warm trial's step 1, in start order: label, worker pid, its trial number there; before step 1, step
+        # 1, its thread CPU, its GC (s); step 1's cudaMalloc calls
+        "warm_step1_by_trial": [[r.data.tags.get(k, "?") for k in ("mlflow.runName", "worker_pid", "worker_trial")]
+                                + [round(r.data.metrics.get(m, float("nan")), 3) for m in (
+                                    "time/before_first_step_s", "time/first_step_s", "time/first_step_cpu_s",
+                                    "time/first_step_gc_s", "sys/first_step_cuda_mallocs")]
+                                for r in sorted(done, key=lambda r: r.info.start_time)
+                                if r.data.tags.get("warm_worker") == "true"],
         # a later step (to set beside bench/first_step.py's, alone) and Tune's blocking progress reports
         "later_step_s_median": _median(values("time/later_step_s")),
         "report_wait_s_median": _median(values("time/report_wait_s")),

@@ -309,6 +309,12 @@ def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_
         assert r["before_s"] + r["step1_s"] == pytest.approx(r["to_first_s"]) and r["later_step_s"] > 0
         assert 0 < r["step1_cpu_s"]
     assert first_step.kind_configs(2, 2, "tiny-random", seed=5)["sft-lora-fp32"]["seed"] == 5  # --seed
+    from packing import local_kinds
+
+    as_sweep = first_step.kind_configs(None, 2, "tiny-random")["sft-lora-fp32"]  # --as-sweep: the profile's own
+    profile_cfg = local_kinds()["sft-lora-fp32"]
+    assert (as_sweep["max_steps"], as_sweep["n_eval"], as_sweep["eval"]["n_generate"]) == (
+        profile_cfg.max_steps, profile_cfg.n_eval, profile_cfg.eval.n_generate) and profile_cfg.eval.n_generate > 0
     assert capsys.readouterr().out.count("run_trial") >= 2  # a profile per trial, each with the trial's frames
     first_step.run(["sft-lora-fp32"], repeat=1, steps=2, n_eval=2, profile=False, model="tiny-random")
     assert "ncalls" not in capsys.readouterr().out  # not profiled unless asked: cProfile slows the setup it times

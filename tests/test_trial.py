@@ -1,4 +1,5 @@
 """One trial end to end on the tiny model: TRL training, evaluation, the MLflow layout."""
+import os
 import weakref
 
 import pandas as pd
@@ -165,6 +166,8 @@ def test_same_seed_same_losses(runs, tiny_model, monkeypatch):
     assert la == lb and results(first) == results(second)
     older, newer = sorted((a, b), key=lambda r: r.info.start_time)
     assert (older.data.tags["warm_kind"], newer.data.tags["warm_kind"]) == ("false", "true")
+    assert older.data.tags["worker_pid"] == newer.data.tags["worker_pid"] == str(os.getpid())
+    assert int(newer.data.tags["worker_trial"]) == int(older.data.tags["worker_trial"]) + 1
 
 
 def test_a_finished_trial_leaves_its_survivors_out_of_the_collectors_scans(runs, tiny_model, monkeypatch):

@@ -7,6 +7,7 @@ MLflow run with half the micro-batch and twice the accumulation (same effective 
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 import time
 from typing import Callable
@@ -22,6 +23,7 @@ METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": c
 # imported and caches filled. This one: its first-use costs (TRL's Triton kernels, quantization kernels, GRIT's
 # hooks) were paid too, which a kind's first trial here pays in its first step even on a warm worker.
 _kinds_in_this_process: set[tuple[str, str, str]] = set()
+_trials_in_this_process = 0
 _frozen = False  # see _freeze_once
 
 
@@ -55,7 +57,8 @@ def _step_clock(started: float):
     first_step_cpu_s: the training thread's own CPU time in step 1. Far below first_step_s, the thread waited (a
     lock, the GIL held by another thread, I/O); close to it is ambiguous, since CUDA's default spin-wait for the
     device counts as CPU time too. first_step_gc_s: the process's garbage collections during step 1 (in any
-    thread: a collection stops them all), whose cost grows with everything alive in the process."""
+    thread: a collection stops them all), whose cost grows with everything alive in the process. On a GPU,
+    sys/first_step_cuda_mallocs: the cudaMalloc calls the caching allocator made in step 1."""
     import gc
 
     from transformers import TrainerCallback
@@ -64,8 +67,12 @@ def _step_clock(started: float):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
+    def _cuda_mallocs() -> int:  # segments the caching allocator got from cudaMalloc so far (a slow driver call)
+        return torch.cuda.memory_stats().get("segment.all.allocated", 0) if torch.cuda.is_available() else 0
+
     class StepClock(TrainerCallback):
         first_begin = first_end = last_end = first_cpu = gc_started = None
+        first_mallocs = 0
         later = 0  # steps after the first
         first_gc = 0.0
 
@@ -80,6 +87,7 @@ def _step_clock(started: float):
             if self.first_begin is None:
                 _sync()  # once per trial, at both ends of step 1: the step alone, its device work included
                 gc.callbacks.append(self._time_gc)
+                self.first_mallocs = _cuda_mallocs()
                 self.first_begin, self.first_cpu = time.perf_counter(), time.thread_time()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -87,6 +95,7 @@ def _step_clock(started: float):
                 _sync()
                 self.first_end = self.last_end = time.perf_counter()
                 self.first_cpu = time.thread_time() - self.first_cpu
+                self.first_mallocs = _cuda_mallocs() - self.first_mallocs
                 self.stop_gc_timing()
             else:
                 self.last_end = time.perf_counter()
@@ -104,7 +113,8 @@ def _step_clock(started: float):
                     "time/first_step_s": self.first_end - self.first_begin,
                     "time/first_step_cpu_s": self.first_cpu, "time/first_step_gc_s": self.first_gc,
                     "time/later_steps_s": self.last_end - self.first_end,
-                    **({"time/later_step_s": (self.last_end - self.first_end) / self.later} if self.later else {})}
+                    **({"time/later_step_s": (self.last_end - self.first_end) / self.later} if self.later else {}),
+                    **({"sys/first_step_cuda_mallocs": self.first_mallocs} if torch.cuda.is_available() else {})}
 
     return StepClock()
 
@@ -178,11 +188,15 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     cfg = TrialConfig(**config)
     client = tracking.client(tracking_uri)
     kind = (cfg.method, cfg.adapter, cfg.precision)
+    global _trials_in_this_process
     run_id = tracking.start_trial_run(client, experiment_id, parent_run_id, cfg, label, variant, execution={
         "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(bool(_kinds_in_this_process)).lower(),
         "warm_kind": str(kind in _kinds_in_this_process).lower(),
+        # which process ran it, and its how-manieth trial there (0: the process's first)
+        "worker_pid": str(os.getpid()), "worker_trial": str(_trials_in_this_process),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
     _kinds_in_this_process.add(kind)
+    _trials_in_this_process += 1
     metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, callbacks)
     _freeze_once()
     if report is not None:
