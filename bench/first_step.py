@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def kind_configs(steps: int | None, n_eval: int, model: str | None = None, seed: int | None = None) -> dict[str, dict]:
+def kind_configs(steps: int | None, n_eval: int, model: str | None = None,
+                 seed: int | None = None) -> dict[str, dict]:
     """One config per method-adapter-precision of the multi-seed study under the local profile (what the
     packing benchmark's trials train), shortened to `steps` steps, `n_eval` pairs and no generations (steps None:
     as the sweep runs them, evaluation and generations included); `model` and `seed` replace the profile's."""
@@ -54,8 +55,8 @@ def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
     return text[text.find("   ncalls"):]  # the table, without pstats' preamble
 
 
-def run(kinds: list[str], repeat: int, steps: int | None, n_eval: int, profile: bool = False, profile_over: float = 3.0,
-        model: str | None = None, threads: int | None = None, in_thread: bool = False,
+def run(kinds: list[str], repeat: int, steps: int | None, n_eval: int, profile: bool = False,
+        profile_over: float = 3.0, model: str | None = None, threads: int | None = None, in_thread: bool = False,
         seed: int | None = None) -> list[dict]:
     from grit_speed import callback
 
@@ -98,7 +99,8 @@ def run(kinds: list[str], repeat: int, steps: int | None, n_eval: int, profile: 
                        "later_step_s": m.get("time/later_step_s", float("nan"))}
                 rows.append(row)
                 print(f"{kind} #{i} (warm_kind={row['warm_kind']}): setup {row['setup_s']:.2f} s, before step 1 "
-                      f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s ({row['step1_cpu_s']:.2f} s CPU, {row['step1_gc_s']:.2f} s GC), "
+                      f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s ({row['step1_cpu_s']:.2f} s CPU, "
+                      f"{row['step1_gc_s']:.2f} s GC), "
                       f"to end of step 1 {row['to_first_s']:.2f} s; later steps {row['later_step_s']:.3f} s each",
                       flush=True)
                 if profiler and row["to_first_s"] > profile_over:
@@ -141,8 +143,8 @@ def section(rows: list[dict], command: str, machine: str) -> str:
              f"`{command}` on {machine}, seed {rows[0]['seed'] if rows else '?'}: trials one after another in one "
              "process (a reused worker); "
              "warm kind = this process ran the method-adapter-precision before.", "",
-             "| kind | # | warm kind | setup s | before step 1 s | step 1 s (thread CPU s; GC s) | to end of step 1 s | "
-             "later step s |",
+             "| kind | # | warm kind | setup s | before step 1 s | step 1 s (thread CPU s; GC s) | "
+             "to end of step 1 s | later step s |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['kind']} | {r['i']} | {r['warm_kind']} | {r['setup_s']:.2f} | {r['before_s']:.2f} | "

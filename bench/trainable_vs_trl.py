@@ -117,6 +117,8 @@ SMOLLM2 = "embedded:smollm2-135m-instruct"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_RATIO, TARGET_SPEEDUP, TARGET_ESTIMATE = 1.02, 3.0, 0.15
 ORDERS = {False: "trainable built first", True: "bare built first"}  # --swap runs both
+SWAP_NOTE = ("; each case twice, the second time with the build order and ABBA places swapped, the verdict on the "
+             "two orders' geometric mean")
 # The settings both sides share (TrialConfig defaults where it has one; seed 0 as bench/grit_speed.py).
 LR, LR_WARMUP, WEIGHT_DECAY, SEED, BETA = 2e-4, 5, 0.01, 0, 0.1
 PEAK_BF16 = [  # (substring of torch.cuda.get_device_name, dense bf16 FLOP/s); first match wins
@@ -779,7 +781,7 @@ def report(results, a) -> str:
         f"reference = adapter disabled on both sides), report_to none. Both resident; steps "
         f"alternate ABBA in blocks of {min(a.block, a.steps)} after {a.warmup} warmup steps each"
         f"{' (A/A control: two more bare trainers, the same schedule)' if a.control else ''}"
-        f"{'; each case twice, the second time with the build order and ABBA places swapped, the verdict on the two orders geometric mean' if a.swap else ''}; "
+        f"{SWAP_NOTE if a.swap else ''}; "
         f"step = on_step_begin to next on_step_begin with device syncs (logging + next batch fetch included). "
         f"Peaks: max_memory_allocated during a side's steps minus the other side's resident bytes. Estimate = "
         f"trainables.memory.estimate_peak; error vs the trainable's peak. {versions}; host {platform.node()}. "
@@ -987,6 +989,10 @@ def main():
                     tok_s = f", {r[k]['tok_s']:.0f} tok/s" if "tok_s" in r[k] else ""
                     log(f"{case} {k}: mean {r[k]['mean']:.4f} s/step, median {r[k]['median']:.4f}, n {r[k]['n']}, "
                         f"peak {fmt(r[k]['peak'], '.2f')} GiB{tok_s}")
+            if all("blocks" in r.get(k, {}) and "blocks" in r.get("swapped", {}).get(k, {})
+                   for k in ("bare", "trainable")):
+                both = both_orders((r["bare"], r["trainable"]), (r["swapped"]["bare"], r["swapped"]["trainable"]))
+                log(f"{case} both orders: trainable/bare {both['mean']:.3f} (means) / {both['median']:.3f} (medians)")
             if r.get("error"):
                 log(f"{case} FAILED: {r['error']}")
             if "interrupted" in r:  # the time limit hit the A/A control: keep this case, report, stop

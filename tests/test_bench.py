@@ -245,7 +245,8 @@ def test_swapped_report_gives_the_verdict_on_both_orders_only():
     assert len(rows) == 3, rows
     assert rows[0].startswith("| sft-fp32, trainable built first | 1.000 / 1.000 | 1.100 / 1.100 | 1.100 / 1.100 | "
                               "one order (see both)")
-    assert rows[1].startswith("| sft-fp32, bare built first | 1.100 / 1.100 | 1.000 / 1.000 | 0.909 / 0.909 | one order")
+    assert rows[1].startswith("| sft-fp32, bare built first | 1.100 / 1.100 | 1.000 / 1.000 | 0.909 / 0.909 | "
+                              "one order")
     assert rows[2].startswith("| **sft-fp32, both orders** (geometric mean) | | | 1.000 / 1.000 | **pass**")
 
 
