@@ -549,7 +549,11 @@ def run_case(case, env, a) -> dict:
     it again with the two sides' build order and schedule places swapped, under res["swapped"]."""
     res = run_order(case, env, a, swapped=False)
     if a.swap and "error" not in res and "interrupted" not in res:
-        res["swapped"] = run_order(case, env, a, swapped=True)
+        try:
+            res["swapped"] = run_order(case, env, a, swapped=True)
+        except Interrupted as e:  # in the swapped comparison itself: the first order's results stay
+            res["swapped"] = {"error": f"interrupted ({e})", "notes": []}
+            res["interrupted"] = e
         if "interrupted" in res["swapped"]:  # main() stops after this case, keeping what finished
             res["interrupted"] = res["swapped"].pop("interrupted")
     return res

@@ -250,6 +250,23 @@ def test_swapped_report_gives_the_verdict_on_both_orders_only():
     assert rows[2].startswith("| **sft-fp32, both orders** (geometric mean) | | | 1.000 / 1.000 | **pass**")
 
 
+def test_a_time_limit_in_the_swapped_order_keeps_the_first_order(monkeypatch):
+    import argparse
+
+    tvt = _tvt()
+    first = {"bare": _side(1.0, 1.0, [1.0]), "trainable": _side(1.0, 1.0, [1.0]), "notes": []}
+
+    def run_order(case, env, a, swapped):
+        if swapped:
+            raise tvt.Interrupted("signal 15")
+        return first
+
+    monkeypatch.setattr(tvt, "run_order", run_order)
+    res = tvt.run_case("sft-fp32", None, argparse.Namespace(swap=True))
+    assert res["bare"] is first["bare"] and res["swapped"]["error"] == "interrupted (signal 15)"
+    assert isinstance(res["interrupted"], tvt.Interrupted)  # main() reports what finished, then stops
+
+
 def test_a_failed_or_interrupted_aa_control_keeps_the_real_comparison():
     import argparse
 
