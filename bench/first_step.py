@@ -8,7 +8,8 @@ process (as a reused Ray worker runs them), each kind --repeat times (2), option
     python bench/first_step.py --as-sweep --repeat 1             # whole trials (evaluation, generations)
 
 Each trial is a real `run_trial` (MLflow run in a temporary store, the local profile's config of the multi-seed
-study, a few steps, no generations). Per trial: the step clock (trainables.trial._step_clock: before the first
+study, a few steps, no generations; with --as-sweep the profile's steps, evaluation and generations, every trial
+at --seed). Per trial: the step clock (trainables.trial._step_clock: before the first
 step, the first step itself, to the end of it) and whether this process had run the kind before (warm_kind).
 With --profile, a cProfile of trial start -> end of the first step is printed for every trial whose first step
 took longer than --profile-over seconds: the functions by cumulative and by own time (on a GPU a Python call

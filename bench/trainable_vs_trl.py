@@ -61,8 +61,9 @@ CPU two identical trainers ran 2-10% apart by build order. (A third side in one 
 position bias there, so the control copies the real comparison exactly.) On the 8B shape too the A/A read 1.083,
 CI 1.012-1.174 (nf4, 2026-11-24): a bias, not noise. --swap therefore runs each case (and control) a second time
 with the build order and ABBA places swapped: a bias b reads r*b in one order and r/b in the other, so the
-verdict is on the geometric mean of the two orders' ratios, with a bootstrap CI over both orders' block pairs;
-the A/A's geometric mean should then read ~1.
+verdict is on the geometric mean of the two orders' ratios, with a bootstrap CI over both orders' block pairs
+(the noise within each run, not between runs); the A/A's geometric mean should then read ~1, and its CI is the
+one to read the real one against.
 
 HOW PEAK MEMORY IS MEASURED. Both sides are resident, so torch.cuda.max_memory_allocated() during a step holds the
 other side's tensors too. Every allocation is attributed to the side that was running when it stayed allocated:
@@ -475,19 +476,36 @@ def ratio_ci(base_blocks, other_blocks):
 
 def both_orders(order1: tuple[dict, dict], order2: tuple[dict, dict]) -> dict:
     """The two orders of --swap, each (base summary, other summary), combined: the geometric mean of their ratios
-    (of means; of medians), and a 95% bootstrap CI of the first, resampling each order's block pairs on their own. A
-    build-order or place bias b reads r*b in one order and r/b in the other; the geometric mean cancels it."""
+    (of means; of medians), and a 95% bootstrap CI of the first, resampling each order's block pairs on their own
+    (None below 3 pairs in an order). A build-order or place bias b reads r*b in one order and r/b in the other;
+    the geometric mean cancels it if b is the same in both runs. The CI holds the step-to-step noise within each
+    run, not the run-to-run difference: read it against the A/A control's, combined the same way."""
     import numpy as np
 
     def ratio(k):
         return math.sqrt(order1[1][k] / order1[0][k] * order2[1][k] / order2[0][k])
 
     pairs = [np.asarray(list(zip(b["blocks"], o["blocks"]))) for b, o in (order1, order2)]
-    rng, stats = np.random.default_rng(0), []
-    for _ in range(2000):
-        r = [p[rng.integers(0, len(p), len(p))] for p in pairs]
-        stats.append(math.sqrt(np.prod([x[:, 1].mean() / x[:, 0].mean() for x in r])))
-    return {"mean": ratio("mean"), "median": ratio("median"), "ci": tuple(np.percentile(stats, [2.5, 97.5]))}
+    out = {"mean": ratio("mean"), "median": ratio("median"), "ci": None}
+    if min(map(len, pairs)) >= 3:
+        rng, stats = np.random.default_rng(0), []
+        for _ in range(2000):
+            r = [p[rng.integers(0, len(p), len(p))] for p in pairs]
+            stats.append(math.sqrt(np.prod([x[:, 1].mean() / x[:, 0].mean() for x in r])))
+        out["ci"] = tuple(np.percentile(stats, [2.5, 97.5]))
+    return out
+
+
+def combined(res: dict, base: str = "bare", other: str = "trainable", part: str | None = None) -> dict | None:
+    """both_orders of a --swap result (of its A/A control with part="control", base="bare-b", other="bare-a"),
+    or None unless both orders measured both sides in full (no error, the same blocks)."""
+    runs = [res, res.get("swapped", {})]
+    sides = [((r.get(part, {}) if part else r).get(base, {}), (r.get(part, {}) if part else r).get(other, {}))
+             for r in runs]
+    if any("blocks" not in x or x.get("error") for pair in sides for x in pair) or any(
+            len(b["blocks"]) != len(o["blocks"]) for b, o in sides):
+        return None
+    return both_orders(*sides)
 
 
 def summary(s: Side, warmup: int, block: int | None = None) -> dict:
@@ -559,16 +577,26 @@ def run_case(case, env, a) -> dict:
     return res
 
 
+def places(swapped: bool) -> tuple[list[str], tuple[str, str]]:
+    """(build order, ABBA order) of the two sides. Not swapped: the trainable is built (and its train() set up)
+    first, and bare opens the schedule (its warmup, the first block, the final step); swapped: the other way round.
+    The A/A control puts bare-a in the trainable's places and bare-b in bare's (CONTROL_STAND_INS)."""
+    build = ["bare", "trainable"] if swapped else ["trainable", "bare"]
+    return build, (build[1], build[0])
+
+
+CONTROL_STAND_INS = {"trainable": "bare-a", "bare": "bare-b"}
+
+
 def run_order(case, env, a, swapped: bool) -> dict:
-    """Not swapped: the trainable is built (and its train() set up) first and runs second in each ABBA pair; bare
-    is built second and runs first. Swapped: the other way round. A build-order or place effect (the A/A control
-    showed up to 8% on the 8B shape) then multiplies the ratio in one order and divides it in the other."""
+    """One order of `places`. A build-order or place effect (the A/A control showed up to 8% on the 8B shape)
+    then multiplies the ratio in one order and divides it in the other, if it is the same in both runs."""
     method, precision = case.split("-")
     if precision == "nf4" and not cuda():
         return {"error": "nf4 needs CUDA (bitsandbytes 4-bit on a GPU)"}
     block = min(a.block, a.steps)
-    first, second = ("trainable", "bare") if swapped else ("bare", "trainable")  # schedule places
-    blocks = abba(first, second, a.warmup, a.steps, block)
+    build, schedule = places(swapped)
+    blocks = abba(*schedule, a.warmup, a.steps, block)
     max_steps = sum(n for side, n in blocks if side == "bare")
     ds = data_for(method, env.ckpt, a.seq, max_steps * a.micro_batch * a.grad_accum + 8)
     cfg = trial_config(method, precision, env.model_name, a.seq, a.micro_batch, a.grad_accum, max_steps)
@@ -588,12 +616,11 @@ def run_order(case, env, a, swapped: bool) -> dict:
     try:
         free_memory()
         t = time.time()
-        if swapped:
-            add_bare(sides, "bare")
-            logger, run_id = add_trainable(sides)
-        else:
-            logger, run_id = add_trainable(sides)
-            add_bare(sides, "bare")
+        for name in build:
+            if name == "bare":
+                add_bare(sides, "bare")
+            else:
+                logger, run_id = add_trainable(sides)
         log(f"{case}: both trainers built, {ORDERS[swapped]} ({time.time() - t:.0f} s); resident GiB: trainable "
             f"{sides['trainable'].resident / 2**30:.2f}, bare {sides['bare'].resident / 2**30:.2f}")
         diffs = setting_differences(sides["bare"].trainer, sides["trainable"].trainer)
@@ -625,24 +652,25 @@ def run_order(case, env, a, swapped: bool) -> dict:
     res["notes"] = [f"{ORDERS[swapped]}: {n}" for n in notes] if a.swap else notes
     if a.control and "error" not in res:
         if method == "cita" and f"dpo-{precision}" in a.cases:  # bare DPOTrainer twice, as dpo's control is
-            res["notes"].append(f"A/A control: see dpo-{precision} (the same pair of bare DPO trainers)")
+            if not swapped:  # once per case
+                res["notes"].append(f"A/A control: see dpo-{precision} (the same pair of bare DPO trainers)")
         else:
             run_control(res, case, add_bare, a, max_steps, block, swapped)
     return res
 
 
 def run_control(res, case, add_bare, a, max_steps, block, swapped=False):
-    """The A/A pair: bare-a in the trainable's place (its build order and schedule place, swapped or not), bare-b in
+    """The A/A pair in the real pair's places (`places`, CONTROL_STAND_INS): bare-a in the trainable's, bare-b in
     bare's, so the ratio a/b carries any build-order or schedule-place effect the real ratio carries. A failure or
     the time limit is noted; the real comparison's results stay (a time limit then stops the run after this case)."""
     sides = {}
     label = f"{ORDERS[swapped]}: " if a.swap else ""
     try:
         t = time.time()
-        for name in (("bare-b", "bare-a") if swapped else ("bare-a", "bare-b")):
-            add_bare(sides, name)
-        Interleaver(sides, abba(*(("bare-a", "bare-b") if swapped else ("bare-b", "bare-a")), a.warmup, a.steps,
-                                block)).run()
+        build, schedule = places(swapped)
+        for name in build:
+            add_bare(sides, CONTROL_STAND_INS[name])
+        Interleaver(sides, abba(*(CONTROL_STAND_INS[n] for n in schedule), a.warmup, a.steps, block)).run()
         log(f"{case}: A/A control, {max_steps} steps per side in {time.time() - t:.0f} s")
         res["control"] = {k: summary(s, a.warmup, block) for k, s in sides.items()}
         ca, cb = res["control"]["bare-a"], res["control"]["bare-b"]
@@ -800,9 +828,10 @@ def report(results, a) -> str:
         orders = [(False, res)] + ([(True, res["swapped"])] if "swapped" in res else [])
         for swapped, r in orders:
             notes += [f"- {case}: {n}" for n in r.get("notes", [])]
-            lines += order_rows(case, r, f", {ORDERS[swapped]}" if a.swap else "", final=not a.swap)
+            ran = "bare" in r or "trainable" in r  # a case that never started has no order
+            lines += order_rows(case, r, f", {ORDERS[swapped]}" if a.swap and ran else "", final=not a.swap)
         if a.swap:
-            lines += combined_rows(case, orders)
+            lines += combined_rows(case, res)
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
@@ -838,22 +867,21 @@ def order_rows(case, res, order_label: str, final: bool) -> list[str]:
     return rows
 
 
-def combined_rows(case, orders) -> list[str]:
+def combined_rows(case, res) -> list[str]:
     """--swap: the two orders' geometric mean (the verdict) and the same for the A/A control (should read ~1)."""
-    def both(results, base, other):
-        got = [(r.get(base, {}), r.get(other, {})) for r in results]
-        return both_orders(*got) if len(got) == 2 and all("blocks" in x for g in got for x in g) else None
+    def ci(c):
+        return f"95% CI {c['ci'][0]:.3f}..{c['ci'][1]:.3f}" if c["ci"] else "no CI (< 3 block pairs per order)"
 
-    real = both([r for _, r in orders], "bare", "trainable")
+    real = combined(res)
     if real is None:
-        return [f"| {case}, both orders | | | - | not measured in both orders | | | | |"]
+        return [f"| {case}, both orders | | | - | not measured in full in both orders | | | | |"]
     verdict = "pass" if max(real["mean"], real["median"]) <= TARGET_RATIO else "FAIL"
     rows = [f"| **{case}, both orders** (geometric mean) | | | {real['mean']:.3f} / {real['median']:.3f} | "
-            f"**{verdict}**; 95% CI {real['ci'][0]:.3f}..{real['ci'][1]:.3f} | | | | |"]
-    aa = both([r.get("control", {}) for _, r in orders], "bare-b", "bare-a")
+            f"**{verdict}**; {ci(real)} | | | | |"]
+    aa = combined(res, "bare-b", "bare-a", part="control")
     if aa is not None:
         rows.append(f"| {case}: A/A control, both orders | | | {aa['mean']:.3f} / {aa['median']:.3f} | noise floor; "
-                    f"95% CI {aa['ci'][0]:.3f}..{aa['ci'][1]:.3f} | | | | |")
+                    f"{ci(aa)} | | | | |")
     return rows
 
 
@@ -932,7 +960,8 @@ def main():
                     help="then time two fresh bare trainers on the same schedule: an A/A row per case (noise floor)")
     ap.add_argument("--swap", action="store_true",
                     help="run each case (and its control) again with the two sides' build order and schedule places "
-                         "swapped; the verdict is the two orders' geometric mean, which cancels a build-order bias")
+                         "swapped; the verdict is the two orders' geometric mean, which cancels a build-order or place "
+                         "effect that is the same in both runs")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; --tiny 64)")
     ap.add_argument("--micro-batch", type=int, default=1, help="micro-batch of both sides (not --planner)")
     ap.add_argument("--grad-accum", type=int, default=1, help="accumulation of both sides (not --planner)")
@@ -993,13 +1022,13 @@ def main():
                     tok_s = f", {r[k]['tok_s']:.0f} tok/s" if "tok_s" in r[k] else ""
                     log(f"{case} {k}: mean {r[k]['mean']:.4f} s/step, median {r[k]['median']:.4f}, n {r[k]['n']}, "
                         f"peak {fmt(r[k]['peak'], '.2f')} GiB{tok_s}")
-            if all("blocks" in r.get(k, {}) and "blocks" in r.get("swapped", {}).get(k, {})
-                   for k in ("bare", "trainable")):
-                both = both_orders((r["bare"], r["trainable"]), (r["swapped"]["bare"], r["swapped"]["trainable"]))
+            both = combined(r) if "swapped" in r else None
+            if both:
                 log(f"{case} both orders: trainable/bare {both['mean']:.3f} (means) / {both['median']:.3f} (medians)")
-            if r.get("error"):
-                log(f"{case} FAILED: {r['error']}")
-            if "interrupted" in r:  # the time limit hit the A/A control: keep this case, report, stop
+            for label, failed in (("", r), (" (swapped order)", r.get("swapped", {}))):
+                if failed.get("error"):
+                    log(f"{case}{label} FAILED: {failed['error']}")
+            if "interrupted" in r:  # the time limit hit an A/A control or the swapped order: keep this case, stop
                 raise r.pop("interrupted")
             free_memory()
             left = f"; {allocated() / 2**30:.2f} GiB still allocated (should be ~0)" if cuda() else ""

@@ -123,12 +123,20 @@ def test_the_step_clock_times_garbage_collections_in_step_1_only(runs, tiny_mode
                 gc.collect()
                 took[state.global_step] = time.perf_counter() - t
 
+    class FailInStep1(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            raise RuntimeError("boom in step 1")
+
     hooks = len(gc.callbacks)
     client = tracking.client(runs)
-    metrics = run_trial(tiny_trial(method="sft", max_steps=3), "a", runs, tracking.ensure_experiment(client, "t"),
+    experiment = tracking.ensure_experiment(client, "t")
+    metrics = run_trial(tiny_trial(method="sft", max_steps=3), "a", runs, experiment,
                         callbacks=[CollectInSteps1And2()])
     assert len(junk) and len(gc.callbacks) == hooks
     assert 0.9 * took[0] <= metrics["time/first_step_gc_s"] < took[0] + 0.5 * took[1]
+    with pytest.raises(RuntimeError, match="boom in step 1"):  # a trial failing inside step 1 removes it too
+        run_trial(tiny_trial(method="sft", max_steps=3), "b", runs, experiment, callbacks=[FailInStep1()])
+    assert len(gc.callbacks) == hooks
 
 
 def test_a_worker_loads_a_tokenizer_once_and_hands_each_trial_its_own_copy(tiny_model, monkeypatch):

@@ -59,8 +59,6 @@ def _step_clock(started: float):
     device counts as CPU time too. first_step_gc_s: the process's garbage collections during step 1 (in any
     thread: a collection stops them all), whose cost grows with everything alive in the process. On a GPU,
     sys/first_step_cuda_mallocs: the cudaMalloc calls the caching allocator made in step 1."""
-    import gc
-
     from transformers import TrainerCallback
 
     def _sync():
@@ -180,6 +178,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     gpu_share: the fraction of the GPU this trial was given (Ray's fractional GPU). plan_micro_batch: train at the
     largest micro-batch the memory planner says fits that share, at the same effective batch. callbacks: more
     transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
+    global _trials_in_this_process
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -188,7 +187,6 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     cfg = TrialConfig(**config)
     client = tracking.client(tracking_uri)
     kind = (cfg.method, cfg.adapter, cfg.precision)
-    global _trials_in_this_process
     run_id = tracking.start_trial_run(client, experiment_id, parent_run_id, cfg, label, variant, execution={
         "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(bool(_kinds_in_this_process)).lower(),
         "warm_kind": str(kind in _kinds_in_this_process).lower(),
