@@ -35,7 +35,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # cases, nf4 again after the reference change) and SmolLM2 (with A/A controls), the planner, packing without Ray
 # (--scaling), the packed sweep against one trial per GPU on one VM (7.9x), 2 GPUs against 1 (2.05x, H200 x2),
 # the first step on a warm worker alone (PASS, every kind; also in a thread per trial with one thread) and in a
-# per-GPU sweep (3.6 s median), the study's projected cost (once). VMs differ by up to 40% in speed: compare rows
+# per-GPU sweep (3.3-3.6 s median), the study's projected cost (once). VMs differ by up to 40% in speed: compare rows
 # of one run only. Later sessions run with SKIP= naming what finished.
 #
 # Open 1: why a Ray trial's step 1 takes 1.5-4.0 s (per-GPU sweep, seed 1, 2026-11-24: thread CPU 90-95% of it,
@@ -50,13 +50,16 @@ step first-step-in-thread 400 env OMP_NUM_THREADS=1 python bench/first_step.py \
                      ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 --in-thread --bench-file "$ADD"
 step first-step-profile 400 python bench/first_step.py --kinds sft-lora-bf16 dpo-lora-bf16 cita-lora-nf4 \
                      dpo-grit-nf4 --profile --profile-over 2
-# Open 2: trainable / bare TRL <= 1.02. The A/A control read 1.083 (8B dpo-nf4, 2026-11-24): a build-order bias,
-# which --swap cancels (both orders, geometric mean). ~6 min per 8B case with the control.
+# Open 2: trainable / bare TRL <= 1.02. --swap (both build orders, geometric mean) on 2026-11-24 morning: 8B
+# sft/dpo x bf16/nf4 and SmolLM2 sft-nf4, dpo-nf4, dpo-bf16 measured, none resolved slower at 30 steps (+-4-7%).
+# Not yet in both orders: CITA (8B, SmolLM2) and SmolLM2 sft-bf16, cita-bf16. ~4-5 min per 8B case.
+step tvt-8b-cita 900 python bench/trainable_vs_trl.py --cases cita-nf4 cita-bf16 --steps 30 --block 1 --control --swap \
+                     --bench-file "$ADD"
+step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases sft-bf16 cita-bf16 cita-nf4 --steps 30 \
+                     --block 1 --control --swap --bench-file "$ADD"
 step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"
 step tvt-8b-bf16 1200 python bench/trainable_vs_trl.py --cases dpo-bf16 sft-bf16 --steps 30 --block 1 --control --swap \
-                     --bench-file "$ADD"
-step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"
 # Packing: the per-GPU baseline in full (12 trials, ~9-11 min) and packed (36 trials, ~4 min), one VM, one file.
 # packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
