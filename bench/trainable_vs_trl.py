@@ -499,9 +499,8 @@ def both_orders(order1: tuple[dict, dict], order2: tuple[dict, dict]) -> dict:
 def combined(res: dict, base: str = "bare", other: str = "trainable", part: str | None = None) -> dict | None:
     """both_orders of a --swap result (of its A/A control with part="control", base="bare-b", other="bare-a"),
     or None unless both orders measured both sides in full (no error, the same blocks)."""
-    runs = [res, res.get("swapped", {})]
-    sides = [((r.get(part, {}) if part else r).get(base, {}), (r.get(part, {}) if part else r).get(other, {}))
-             for r in runs]
+    groups = [r.get(part, {}) if part else r for r in (res, res.get("swapped", {}))]
+    sides = [(g.get(base, {}), g.get(other, {})) for g in groups]
     if any("blocks" not in x or x.get("error") for pair in sides for x in pair) or any(
             len(b["blocks"]) != len(o["blocks"]) for b, o in sides):
         return None
@@ -570,8 +569,7 @@ def run_case(case, env, a) -> dict:
         try:
             res["swapped"] = run_order(case, env, a, swapped=True)
         except Interrupted as e:  # in the swapped comparison itself: the first order's results stay
-            res["swapped"] = {"error": f"interrupted ({e})", "notes": []}
-            res["interrupted"] = e
+            res["swapped"] = {"error": f"interrupted ({e})", "notes": [], "interrupted": e}
         if "interrupted" in res["swapped"]:  # main() stops after this case, keeping what finished
             res["interrupted"] = res["swapped"].pop("interrupted")
     return res

@@ -19,11 +19,11 @@ from trainables.config import TrialConfig
 from trainables.models import cache_root, load_tokenizer
 
 METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": cita.build_trainer}
-# (method, adapter, precision) of the trials this process ran. Any: a reused (warm) Ray worker, with torch/TRL
-# imported and caches filled. This one: its first-use costs (TRL's Triton kernels, quantization kernels, GRIT's
-# hooks) were paid too, which a kind's first trial here pays in its first step even on a warm worker.
-_kinds_in_this_process: set[tuple[str, str, str]] = set()
+# Trials this process started: any, and it is a reused (warm) Ray worker, with torch/TRL imported and caches filled.
+# Their (method, adapter, precision): this kind's first-use costs (TRL's Triton kernels, quantization kernels,
+# GRIT's hooks) were paid too, which a kind's first trial here pays in its first step even on a warm worker.
 _trials_in_this_process = 0
+_kinds_in_this_process: set[tuple[str, str, str]] = set()
 _frozen = False  # see _freeze_once
 
 
@@ -188,7 +188,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     client = tracking.client(tracking_uri)
     kind = (cfg.method, cfg.adapter, cfg.precision)
     run_id = tracking.start_trial_run(client, experiment_id, parent_run_id, cfg, label, variant, execution={
-        "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(bool(_kinds_in_this_process)).lower(),
+        "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(_trials_in_this_process > 0).lower(),
         "warm_kind": str(kind in _kinds_in_this_process).lower(),
         # which process ran it, and its how-manieth trial there (0: the process's first)
         "worker_pid": str(os.getpid()), "worker_trial": str(_trials_in_this_process),
