@@ -7,15 +7,18 @@ Pairs are DPO pairs whose prompt carries the alignment instruction in the system
 
 The contrastive term has no reference (unlike DPO); the second is the research's sequence-level KL proxy
 (`cita_anchor: seq_kl`; `none` drops it). TRL 1.x folded the loss into one `_compute_loss`; we override that
-method and reuse TRL's batching, reference pass (`compute_ref_log_probs`) and logging. The reference is the base
+method and reuse TRL's batching, reference pass (`compute_ref_log_probs`, minus its checkpointing toggle: see
+trainables/dpo.py) and logging. The reference is the base
 model: TRL adds the adapter from `peft_config` and runs the reference pass with it disabled (trainables/lora.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from trainables import lora
+from trainables import dpo, lora
 from trainables.config import TrialConfig
 from trainables.training_args import trl_args
 
@@ -37,10 +40,9 @@ def cita_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float, lambda_kl
                   "margin": (chosen - rejected).detach().mean()}
 
 
+@functools.cache
 def _trainer_class():
-    from trl import DPOTrainer
-
-    class CITATrainer(DPOTrainer):
+    class CITATrainer(dpo.trainer_class()):
         def __init__(self, *args, lambda_kl: float, anchor: str, **kwargs):
             super().__init__(*args, **kwargs)
             self.lambda_kl, self.anchor = lambda_kl, anchor

@@ -2,14 +2,54 @@
 computes the reference with it disabled."""
 from __future__ import annotations
 
+import contextlib
+import functools
+
 from trainables import lora
 from trainables.config import TrialConfig
 from trainables.training_args import trl_args
 
 
+@contextlib.contextmanager
+def checkpointing_left_on(model):
+    """Stop TRL's reference pass from turning gradient checkpointing off and on again around every micro-batch.
+
+    Why: each toggle walks every module four times (~20 ms a step for SmolLM2 on a CPU), and each re-enable adds
+    one more forward hook on the input embeddings that nothing removes (transformers 5.17), so every later
+    forward, generation included, runs one hook more per micro-batch trained. Leaving it on is exact: under
+    no_grad torch's checkpoint saves and recomputes nothing. TRL decides the toggle from
+    `model.is_gradient_checkpointing`, so we answer False for the pass (an instance attribute on the PeftModel).
+    TRL's own reason for the toggle is a warning that only reentrant checkpointing gives (we use non-reentrant)."""
+    if "is_gradient_checkpointing" in vars(model):  # nested: the outer block restores it
+        yield
+        return
+    model.is_gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        del model.is_gradient_checkpointing
+
+
+@functools.cache
+def trainer_class():
+    """TRL's DPOTrainer with the reference pass above (CITA's trainer subclasses it)."""
+    from trl import DPOTrainer
+
+    class ReferencePassTrainer(DPOTrainer):
+        def _compute_loss(self, model, inputs, return_outputs):  # DPO's loss runs its reference pass inline
+            with checkpointing_left_on(self.model):
+                return super()._compute_loss(model, inputs, return_outputs)
+
+        def compute_ref_log_probs(self, model, inputs):  # CITA's loss and TRL's precompute call this one
+            with checkpointing_left_on(self.model):
+                return super().compute_ref_log_probs(model, inputs)
+
+    return ReferencePassTrainer
+
+
 def build_trainer(cfg: TrialConfig, model, tokenizer, train_ds, output_dir: str, callbacks=()):
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
     args = trl_args(cfg, DPOConfig, output_dir, beta=cfg.beta, loss_type=["sigmoid"])
-    return DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                      callbacks=list(callbacks), peft_config=lora.peft_config(cfg))
+    return trainer_class()(model=model, ref_model=None, args=args, train_dataset=train_ds,
+                           processing_class=tokenizer, callbacks=list(callbacks), peft_config=lora.peft_config(cfg))
