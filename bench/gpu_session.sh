@@ -39,35 +39,29 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # of one run only. Later sessions run with SKIP= naming what finished.
 #
 # Open 1: why a Ray trial's step 1 takes 1.5-4.0 s (per-GPU sweep, seed 1, 2026-11-24: thread CPU 90-95% of it,
-# GC ~0) against 0.38-1.0 s alone in a thread per trial with OMP_NUM_THREADS=1 at the same seed (CPU 0.26-0.70 s).
-# The alone runs were short trials without generations; --as-sweep runs whole trials (60 steps, evaluation,
-# generations) one after another, as a sweep's worker does: if step 1 is slow now, a previous trial's
-# evaluation or generation leaves the process slow, not Ray. Trials are now tagged with their worker's pid and
-# their number in it, and step 1 logs its cudaMalloc calls.
-step first-step-as-sweep 900 env OMP_NUM_THREADS=1 python bench/first_step.py --as-sweep --repeat 1 --threads 1 \
-                     --in-thread ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
-step first-step-in-thread 400 env OMP_NUM_THREADS=1 python bench/first_step.py \
-                     ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --threads 1 --in-thread --bench-file "$ADD"
-step first-step-profile 400 python bench/first_step.py --kinds sft-lora-bf16 dpo-lora-bf16 cita-lora-nf4 \
-                     dpo-grit-nf4 --profile --profile-over 2
+# GC ~0) against 0.38-1.0 s alone in a thread per trial with OMP_NUM_THREADS=1 at the same seed. Every trial's
+# step 1 is now profiled (cProfile in the training thread, $ALIGNSWEEP_PROFILE_STEP1): whole trials alone, as a
+# sweep's worker runs them (--as-sweep), then the per-GPU Ray sweep; bench/step1_profiles.py compares the two
+# groups function by function. PACKING_MODES=packed on a second VM adds the 16-way packed group.
+step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RESULTS/prof/alone-as-sweep" \
+                     python bench/first_step.py --as-sweep --repeat 1 --threads 1 --in-thread \
+                     ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
+step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
+                     --packed-seeds 3 --results "$RESULTS/packing.jsonl" --profile-step1 "$RESULTS/prof" \
+                     --bench-file "$ADD"
 # Open 2: trainable / bare TRL <= 1.02. --swap (both build orders, geometric mean) on 2026-11-24 morning: 8B
 # sft/dpo x bf16/nf4 and SmolLM2 sft-nf4, dpo-nf4, dpo-bf16 measured, none resolved slower at 30 steps (+-4-7%).
-# Not yet in both orders: CITA (8B, SmolLM2) and SmolLM2 sft-bf16, cita-bf16. ~4-5 min per 8B case.
-step tvt-8b-cita 900 python bench/trainable_vs_trl.py --cases cita-nf4 cita-bf16 --steps 30 --block 1 --control --swap \
-                     --bench-file "$ADD"
-step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases sft-bf16 cita-bf16 cita-nf4 --steps 30 \
+# Since then the DPO/CITA reference pass leaves gradient checkpointing on (trainables/dpo.py; TRL toggles it
+# around every micro-batch, ~25 ms on a CPU for SmolLM2): dpo/cita rows now measure that against bare TRL.
+# Not yet in both orders: CITA (8B, SmolLM2). ~4-5 min per 8B case, ~4 per SmolLM2 case at 30 steps.
+step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 cita-bf16 --steps 60 \
                      --block 1 --control --swap --bench-file "$ADD"
+step tvt-8b-cita 900 python bench/trainable_vs_trl.py --cases cita-bf16 dpo-bf16 --steps 30 --block 1 --control --swap \
+                     --bench-file "$ADD"
 step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"
 step tvt-8b-bf16 1200 python bench/trainable_vs_trl.py --cases dpo-bf16 sft-bf16 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"
-# Packing: the per-GPU baseline in full (12 trials, ~9-11 min) and packed (36 trials, ~4 min), one VM, one file.
-# packed-mps (+2% on 2026-11-23) goes last if named: its daemon outlives the mode in this process.
-# PACKING_MODES=packed PACKING_GPUS="1 2 1 2" on a two-GPU host (~4 x 220 s) measures the scaling target (2 GPUs
-# >= 1.9x trials/hour of one): the section rates the latest row of each count, so the first sweep on a fresh VM
-# (508 against 628 trials/h on one H200 on 2026-11-24: it converted the SmolLM2 GGUF once, ~50 s) does not count.
-step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
-                     --packed-seeds 3 --results "$RESULTS/packing.jsonl" --bench-file "$ADD"
 # Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it), with
 # torch's threads and with one.
 step first-step  400 python bench/first_step.py ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"

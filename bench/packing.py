@@ -340,6 +340,9 @@ def main():
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE")
     ap.add_argument("--results", default="runs/bench_packing.jsonl", help="JSON lines: rows accumulate across calls")
     ap.add_argument("--bench-file", default="BENCHMARKS.md")
+    ap.add_argument("--profile-step1", default=None, metavar="DIR", help="profile every trial's step 1 into "
+                    "DIR/MODE-Ngpu/ (trainables/trial.py's $ALIGNSWEEP_PROFILE_STEP1); bench/step1_profiles.py "
+                    "compares them")
     a = ap.parse_args()
     if a.scaling_worker is not None:
         return scaling_worker(a.case, a.steps, a.scaling_worker, Path(a.barrier))
@@ -355,6 +358,8 @@ def main():
     for gpus in a.gpus:
         for mode in a.mode:
             n = (a.seeds if mode == "per-gpu" else a.packed_seeds) * gpus
+            if a.profile_step1:  # Ray's local workers inherit the driver's environment
+                os.environ["ALIGNSWEEP_PROFILE_STEP1"] = f"{a.profile_step1}/{mode}-{gpus}gpu"
             row = run_mode(mode, gpus, list(range(1, n + 1)), a.cpus_per_gpu, a.overrides)
             print(json.dumps(row), flush=True)
             with results.open("a") as fh:

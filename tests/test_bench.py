@@ -440,3 +440,38 @@ def test_project_cost_gives_a_random_checkpoint_a_real_tokenizer_and_generation_
            "n_train": 16, "n_eval": 2, "max_steps": 1, "micro_batch": 1, "eval": {"n_generate": 1, "max_new_tokens": 4}}
     metrics = run_trial(cfg, "a", runs, tracking.ensure_experiment(tracking.client(runs), "t"))
     assert metrics["eval/n_generated"] == 1
+
+
+def _waits_in_step(seconds):
+    import time
+
+    time.sleep(seconds)
+
+
+def test_step1_profiles_finds_what_one_group_spends_more_on(tmp_path, capsys):
+    """Group B's trials wait 40 ms longer in one function: the comparison ranks it first, with the right sign;
+    a worker's first (cold) trial is left out unless asked."""
+    import cProfile
+
+    import step1_profiles
+
+    def profile(path, seconds):
+        prof = cProfile.Profile()
+        prof.runcall(_waits_in_step, seconds)
+        prof.dump_stats(str(path))
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for n in (1, 2):
+        profile(tmp_path / "a" / f"dpo-lora-bf16-100-{n}.prof", 0.01)
+        profile(tmp_path / "b" / f"dpo-lora-bf16-200-{n}.prof", 0.05)
+    profile(tmp_path / "b" / "dpo-lora-bf16-200-0.prof", 1.0)  # cold: would dominate B's mean
+    funcs, n = step1_profiles.load(str(tmp_path / "b"), cold=False)
+    assert n == 2 and step1_profiles.load(str(tmp_path / "b"), cold=True)[1] == 3
+    step1_profiles.main([str(tmp_path / "a"), str(tmp_path / "b"), "--top", "3"])
+    out = capsys.readouterr().out
+    own = out.split("## B - A")[1].split("\n\n")[1].splitlines()
+    function, a_s, b_s, delta = [c.strip() for c in own[2].strip("|").split("|")]
+    assert "sleep" in function and 0.035 < float(delta) < 0.06 and float(a_s) < float(b_s)
+    with pytest.raises(SystemExit, match="no step-1 profiles"):
+        step1_profiles.load(str(tmp_path), cold=False)

@@ -139,6 +139,48 @@ def test_the_step_clock_times_garbage_collections_in_step_1_only(runs, tiny_mode
     assert len(gc.callbacks) == hooks
 
 
+def _in_step_1():
+    pass
+
+
+def _in_step_2():
+    pass
+
+
+def test_step_1_profile_when_asked(runs, tiny_model, tmp_path, monkeypatch):
+    """$ALIGNSWEEP_PROFILE_STEP1: step 1 (not step 2) profiled into {kind}-{pid}-{worker_trial}.prof; a trial that
+    fails inside step 1 leaves no profiler running in the thread."""
+    import os
+    import pstats
+    import sys
+
+    from transformers import TrainerCallback
+
+    from trainables import trial
+
+    class MarkSteps(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            (_in_step_1 if state.global_step == 0 else _in_step_2)()
+
+    class FailInStep1(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            raise RuntimeError("boom in step 1")
+
+    monkeypatch.setenv("ALIGNSWEEP_PROFILE_STEP1", str(tmp_path / "prof"))
+    client = tracking.client(runs)
+    experiment = tracking.ensure_experiment(client, "t")
+    run_trial(tiny_trial(method="sft", max_steps=3), "a", runs, experiment, callbacks=[MarkSteps()])
+    n = trial._trials_in_this_process - 1
+    files = sorted(p.name for p in (tmp_path / "prof").iterdir())
+    assert files == [f"sft-lora-fp32-{os.getpid()}-{n}.prof"]
+    called = {func[2] for func in pstats.Stats(str(tmp_path / "prof" / files[0])).stats}
+    assert "_in_step_1" in called and "_in_step_2" not in called and "training_step" in called
+    assert sys.getprofile() is None
+    with pytest.raises(RuntimeError, match="boom in step 1"):
+        run_trial(tiny_trial(method="sft", max_steps=3), "b", runs, experiment, callbacks=[FailInStep1()])
+    assert sys.getprofile() is None
+
+
 def test_a_worker_loads_a_tokenizer_once_and_hands_each_trial_its_own_copy(tiny_model, monkeypatch):
     from trainables import models
 

@@ -6,10 +6,12 @@ MLflow run with half the micro-batch and twice the accumulation (same effective 
 """
 from __future__ import annotations
 
+import cProfile
 import gc
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -49,7 +51,7 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
     return trainer, tokenizer, held_out
 
 
-def _step_clock(started: float):
+def _step_clock(started: float, name: str = "trial"):
     """Times the per-trial overhead and the steps, from `started` (trial start): to_first_step = before_first_step
     (setup, entering the loop, the first batch, and the device finishing what setup queued) + first_step (the
     step itself, between two CUDA syncs: first-use costs on a GPU show there); later_steps = end of step 1 -> end
@@ -58,8 +60,15 @@ def _step_clock(started: float):
     lock, the GIL held by another thread, I/O); close to it is ambiguous, since CUDA's default spin-wait for the
     device counts as CPU time too. first_step_gc_s: the process's garbage collections during step 1 (in any
     thread: a collection stops them all), whose cost grows with everything alive in the process. On a GPU,
-    sys/first_step_cuda_mallocs: the cudaMalloc calls the caching allocator made in step 1."""
+    sys/first_step_cuda_mallocs: the cudaMalloc calls the caching allocator made in step 1.
+
+    With $ALIGNSWEEP_PROFILE_STEP1 set to a directory, step 1 is also run under cProfile (in the training thread,
+    so also inside a Ray worker) and saved there as `{name}-{pid}-{n}.prof` (n: the worker_trial tag) for
+    `python -m pstats`. cProfile slows Python-bound code: compare profiles with profiles, not with the clock."""
     from transformers import TrainerCallback
+
+    profile_dir = os.environ.get("ALIGNSWEEP_PROFILE_STEP1")
+    profiler = None
 
     def _sync():
         if torch.cuda.is_available():
@@ -86,6 +95,10 @@ def _step_clock(started: float):
                 _sync()  # once per trial, at both ends of step 1: the step alone, its device work included
                 gc.callbacks.append(self._time_gc)
                 self.first_mallocs = _cuda_mallocs()
+                if profile_dir:
+                    nonlocal profiler
+                    profiler = cProfile.Profile()
+                    profiler.enable()
                 self.first_begin, self.first_cpu = time.perf_counter(), time.thread_time()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -94,14 +107,19 @@ def _step_clock(started: float):
                 self.first_end = self.last_end = time.perf_counter()
                 self.first_cpu = time.thread_time() - self.first_cpu
                 self.first_mallocs = _cuda_mallocs() - self.first_mallocs
-                self.stop_gc_timing()
+                self.stop_probes()
+                if profiler is not None:
+                    Path(profile_dir).mkdir(parents=True, exist_ok=True)
+                    profiler.dump_stats(f"{profile_dir}/{name}-{os.getpid()}-{_trials_in_this_process - 1}.prof")
             else:
                 self.last_end = time.perf_counter()
                 self.later += 1
 
-        def stop_gc_timing(self):  # after step 1, or when training fails inside it
+        def stop_probes(self):  # after step 1, or when training fails inside it
             if self._time_gc in gc.callbacks:
                 gc.callbacks.remove(self._time_gc)
+            if profiler is not None:
+                profiler.disable()
 
         def metrics(self) -> dict[str, float]:
             if self.first_end is None:  # no step finished
@@ -123,7 +141,7 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
     metrics include time/* seconds per phase (setup, train, eval) and the step clock's (see `_step_clock`), so
     per-trial overhead is measured."""
     clock = time.perf_counter()
-    steps = _step_clock(started if started is not None else clock)
+    steps = _step_clock(started if started is not None else clock, f"{cfg.method}-{cfg.adapter}-{cfg.precision}")
     trainer, tokenizer, held_out = prepare(cfg, workdir, [*callbacks, steps])
     if on_trainer is not None:
         on_trainer(trainer)
@@ -134,7 +152,7 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
     except torch.OutOfMemoryError as err:
         raise TrainingOOM(f"micro_batch={cfg.micro_batch}: {err}") from None
     finally:
-        steps.stop_gc_timing()
+        steps.stop_probes()
     phases["time/train_s"] = time.perf_counter() - clock
     phases.update(steps.metrics())
     clock = time.perf_counter()
