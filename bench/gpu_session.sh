@@ -43,6 +43,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # step 1 is now profiled (cProfile in the training thread, $ALIGNSWEEP_PROFILE_STEP1): whole trials alone, as a
 # sweep's worker runs them (--as-sweep), then the per-GPU Ray sweep; bench/step1_profiles.py compares the two
 # groups function by function. PACKING_MODES=packed on a second VM adds the 16-way packed group.
+# The step-1 profiles (2026-11-24 midday): the Python-visible work of a warm Ray trial's step 1 matched the trial
+# alone, but it made 57-116 cudaMalloc calls and spent 1-3 s more thread CPU: does cudaMalloc cost more in Ray?
+step malloc-probe 300 python bench/cuda_malloc_probe.py
 step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RESULTS/prof/alone-as-sweep" \
                      python bench/first_step.py --as-sweep --repeat 1 --threads 1 --in-thread \
                      ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
