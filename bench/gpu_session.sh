@@ -40,11 +40,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 #
 # Open 1: why a Ray trial's step 1 takes 1.5-4.0 s (per-GPU sweep, seed 1, 2026-11-24: thread CPU 90-95% of it,
 # GC ~0) against 0.38-1.0 s alone in a thread per trial with OMP_NUM_THREADS=1 at the same seed. Every trial's
-# step 1 is now profiled (cProfile in the training thread, $ALIGNSWEEP_PROFILE_STEP1): whole trials alone, as a
-# sweep's worker runs them (--as-sweep), then the per-GPU Ray sweep; bench/step1_profiles.py compares the two
-# groups function by function. PACKING_MODES=packed on a second VM adds the 16-way packed group.
-# The step-1 profiles (2026-11-24 midday): the Python-visible work of a warm Ray trial's step 1 matched the trial
-# alone, but it made 57-116 cudaMalloc calls and spent 1-3 s more thread CPU: does cudaMalloc cost more in Ray?
+# step 1's training thread is stack-sampled ($ALIGNSWEEP_PROFILE_STEP1; cProfile on the device's Python mixed in the
+# Ray worker's polling main thread): whole trials alone, as a sweep's worker runs them (--as-sweep), then the
+# per-GPU Ray sweep; bench/step1_profiles.py compares the two groups frame by frame.
+# CITA on the 8B shape in both orders (~7 min with the random checkpoint's build).
+step tvt-8b-cita 900 python bench/trainable_vs_trl.py --cases cita-bf16 --steps 30 --block 1 --control --swap \
+                     --bench-file "$ADD"
+# cudaMalloc in a Ray worker vs a plain process (2026-11-24 midday: 0.06 vs 0.11 ms, not slower; ruled out).
 step malloc-probe 300 python bench/cuda_malloc_probe.py
 step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RESULTS/prof/alone-as-sweep" \
                      python bench/first_step.py --as-sweep --repeat 1 --threads 1 --in-thread \
@@ -59,8 +61,6 @@ step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu pac
 # Not yet in both orders: CITA (8B, SmolLM2). ~4-5 min per 8B case, ~4 per SmolLM2 case at 30 steps.
 step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 cita-bf16 --steps 60 \
                      --block 1 --control --swap --bench-file "$ADD"
-step tvt-8b-cita 900 python bench/trainable_vs_trl.py --cases cita-bf16 dpo-bf16 --steps 30 --block 1 --control --swap \
-                     --bench-file "$ADD"
 step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"
 step tvt-8b-bf16 1200 python bench/trainable_vs_trl.py --cases dpo-bf16 sft-bf16 --steps 30 --block 1 --control --swap \

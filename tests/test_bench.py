@@ -442,36 +442,26 @@ def test_project_cost_gives_a_random_checkpoint_a_real_tokenizer_and_generation_
     assert metrics["eval/n_generated"] == 1
 
 
-def _waits_in_step(seconds):
-    import time
-
-    time.sleep(seconds)
-
-
 def test_step1_profiles_finds_what_one_group_spends_more_on(tmp_path, capsys):
-    """Group B's trials wait 40 ms longer in one function: the comparison ranks it first, with the right sign;
-    a worker's first (cold) trial is left out unless asked."""
-    import cProfile
-
+    """Group B's trials spend 40 ms more in one frame: the comparison ranks it first, with the right sign and
+    size; a worker's first (cold) trial is left out unless asked."""
     import step1_profiles
 
-    def profile(path, seconds):
-        prof = cProfile.Profile()
-        prof.runcall(_waits_in_step, seconds)
-        prof.dump_stats(str(path))
+    def folded(path, waits):  # 1 ms per sample: `waits` samples in wait(), 10 in forward()
+        path.write_text(f"# seconds_per_sample 0.001\nt.py:step:1;t.py:wait:2 {waits}\nt.py:step:1;t.py:forward:3 10\n")
 
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    for n in (1, 2):
-        profile(tmp_path / "a" / f"dpo-lora-bf16-100-{n}.prof", 0.01)
-        profile(tmp_path / "b" / f"dpo-lora-bf16-200-{n}.prof", 0.05)
-    profile(tmp_path / "b" / "dpo-lora-bf16-200-0.prof", 1.0)  # cold: would dominate B's mean
+    for group, waits in (("a", 10), ("b", 50)):
+        (tmp_path / group).mkdir()
+        for n in (1, 2):
+            folded(tmp_path / group / f"dpo-lora-bf16-{ord(group)}-{n}.folded", waits)
+    folded(tmp_path / "b" / "dpo-lora-bf16-98-0.folded", 1000)  # cold: would dominate B's mean
     funcs, n = step1_profiles.load(str(tmp_path / "b"), cold=False)
     assert n == 2 and step1_profiles.load(str(tmp_path / "b"), cold=True)[1] == 3
+    assert funcs["t.py:step:1"][1] == pytest.approx(2 * 0.060)  # inclusive: everything under step, both trials
     step1_profiles.main([str(tmp_path / "a"), str(tmp_path / "b"), "--top", "3"])
     out = capsys.readouterr().out
     own = out.split("## B - A")[1].split("\n\n")[1].splitlines()
-    function, a_s, b_s, delta = [c.strip() for c in own[2].strip("|").split("|")]
-    assert "sleep" in function and 0.035 < float(delta) < 0.06 and float(a_s) < float(b_s)
-    with pytest.raises(SystemExit, match="no step-1 profiles"):
+    frame, a_s, b_s, delta = [c.strip() for c in own[2].strip("|").split("|")]
+    assert frame == "t.py:wait:2" and float(a_s) == pytest.approx(0.010) and float(delta) == pytest.approx(0.040)
+    with pytest.raises(SystemExit, match="no step-1 samples"):
         step1_profiles.load(str(tmp_path), cold=False)

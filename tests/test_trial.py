@@ -140,19 +140,22 @@ def test_the_step_clock_times_garbage_collections_in_step_1_only(runs, tiny_mode
 
 
 def _in_step_1():
-    pass
+    import time
+
+    time.sleep(0.1)
 
 
 def _in_step_2():
-    pass
+    import time
+
+    time.sleep(0.1)
 
 
 def test_step_1_profile_when_asked(runs, tiny_model, tmp_path, monkeypatch):
-    """$ALIGNSWEEP_PROFILE_STEP1: step 1 (not step 2) profiled into {kind}-{pid}-{worker_trial}.prof; a trial that
-    fails inside step 1 leaves no profiler running in the thread."""
+    """$ALIGNSWEEP_PROFILE_STEP1: the training thread's stack sampled through step 1 (not step 2) into
+    {kind}-{pid}-{worker_trial}.folded; a trial that fails inside step 1 leaves no sampler thread running."""
     import os
-    import pstats
-    import sys
+    import threading
 
     from transformers import TrainerCallback
 
@@ -172,13 +175,17 @@ def test_step_1_profile_when_asked(runs, tiny_model, tmp_path, monkeypatch):
     run_trial(tiny_trial(method="sft", max_steps=3), "a", runs, experiment, callbacks=[MarkSteps()])
     n = trial._trials_in_this_process - 1
     files = sorted(p.name for p in (tmp_path / "prof").iterdir())
-    assert files == [f"sft-lora-fp32-{os.getpid()}-{n}.prof"]
-    called = {func[2] for func in pstats.Stats(str(tmp_path / "prof" / files[0])).stats}
-    assert "_in_step_1" in called and "_in_step_2" not in called and "training_step" in called
-    assert sys.getprofile() is None
+    assert files == [f"sft-lora-fp32-{os.getpid()}-{n}.folded"]
+    lines = (tmp_path / "prof" / files[0]).read_text().splitlines()
+    per_sample = float(lines[0].split()[-1])
+    in_step_1 = sum(int(line.rsplit(" ", 1)[1]) for line in lines[1:] if ":_in_step_1:" in line) * per_sample
+    assert 0.07 < in_step_1 < 0.2  # the 0.1 s sleep, from 2 ms samples
+    assert not any(":_in_step_2:" in line for line in lines) and any(":training_step:" in line for line in lines)
+    samplers = lambda: [t for t in threading.enumerate() if t.name == "stack-sampler"]
+    assert samplers() == []
     with pytest.raises(RuntimeError, match="boom in step 1"):
         run_trial(tiny_trial(method="sft", max_steps=3), "b", runs, experiment, callbacks=[FailInStep1()])
-    assert sys.getprofile() is None
+    assert samplers() == []
 
 
 def test_a_worker_loads_a_tokenizer_once_and_hands_each_trial_its_own_copy(tiny_model, monkeypatch):

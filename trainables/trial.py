@@ -6,10 +6,10 @@ MLflow run with half the micro-batch and twice the accumulation (same effective 
 """
 from __future__ import annotations
 
-import cProfile
 import gc
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,6 +19,7 @@ import torch
 from trainables import cita, data, dpo, evaluate, lora, precision, sft, tracking
 from trainables.config import TrialConfig
 from trainables.models import cache_root, load_tokenizer
+from trainables.stack_sampler import StackSampler
 
 METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": cita.build_trainer}
 # Trials this process started: any, and it is a reused (warm) Ray worker, with torch/TRL imported and caches filled.
@@ -62,13 +63,13 @@ def _step_clock(started: float, name: str = "trial"):
     thread: a collection stops them all), whose cost grows with everything alive in the process. On a GPU,
     sys/first_step_cuda_mallocs: the cudaMalloc calls the caching allocator made in step 1.
 
-    With $ALIGNSWEEP_PROFILE_STEP1 set to a directory, step 1 is also run under cProfile (in the training thread,
-    so also inside a Ray worker) and saved there as `{name}-{pid}-{n}.prof` (n: the worker_trial tag) for
-    `python -m pstats`. cProfile slows Python-bound code: compare profiles with profiles, not with the clock."""
+    With $ALIGNSWEEP_PROFILE_STEP1 set to a directory, the training thread's stack is sampled through step 1
+    (trainables/stack_sampler.py, every 2 ms; also inside a Ray worker) and saved there as
+    `{name}-{pid}-{n}.folded` (n: the worker_trial tag); bench/step1_profiles.py compares groups of them."""
     from transformers import TrainerCallback
 
     profile_dir = os.environ.get("ALIGNSWEEP_PROFILE_STEP1")
-    profiler = None
+    sampler = None
 
     def _sync():
         if torch.cuda.is_available():
@@ -96,9 +97,8 @@ def _step_clock(started: float, name: str = "trial"):
                 gc.callbacks.append(self._time_gc)
                 self.first_mallocs = _cuda_mallocs()
                 if profile_dir:
-                    nonlocal profiler
-                    profiler = cProfile.Profile()
-                    profiler.enable()
+                    nonlocal sampler
+                    sampler = StackSampler(threading.get_ident()).start()
                 self.first_begin, self.first_cpu = time.perf_counter(), time.thread_time()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -108,9 +108,9 @@ def _step_clock(started: float, name: str = "trial"):
                 self.first_cpu = time.thread_time() - self.first_cpu
                 self.first_mallocs = _cuda_mallocs() - self.first_mallocs
                 self.stop_probes()
-                if profiler is not None:
+                if sampler is not None:
                     Path(profile_dir).mkdir(parents=True, exist_ok=True)
-                    profiler.dump_stats(f"{profile_dir}/{name}-{os.getpid()}-{_trials_in_this_process - 1}.prof")
+                    sampler.dump(f"{profile_dir}/{name}-{os.getpid()}-{_trials_in_this_process - 1}.folded")
             else:
                 self.last_end = time.perf_counter()
                 self.later += 1
@@ -118,8 +118,8 @@ def _step_clock(started: float, name: str = "trial"):
         def stop_probes(self):  # after step 1, or when training fails inside it
             if self._time_gc in gc.callbacks:
                 gc.callbacks.remove(self._time_gc)
-            if profiler is not None:
-                profiler.disable()
+            if sampler is not None:
+                sampler.stop()
 
         def metrics(self) -> dict[str, float]:
             if self.first_end is None:  # no step finished
