@@ -38,16 +38,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # per-GPU sweep (3.3-3.6 s median), the study's projected cost (once). VMs differ by up to 40% in speed: compare rows
 # of one run only. Later sessions run with SKIP= naming what finished.
 #
-# Open 1: why a Ray trial's step 1 takes 1.5-4.0 s (per-GPU sweep, seed 1, 2026-11-24: thread CPU 90-95% of it,
-# GC ~0) against 0.38-1.0 s alone in a thread per trial with OMP_NUM_THREADS=1 at the same seed. Every trial's
-# step 1's training thread is stack-sampled ($ALIGNSWEEP_PROFILE_STEP1; cProfile on the device's Python mixed in the
-# Ray worker's polling main thread): whole trials alone, as a sweep's worker runs them (--as-sweep), then the
-# per-GPU Ray sweep; bench/step1_profiles.py compares the two groups frame by frame.
-# CITA on the 8B shape in both orders (~7 min with the random checkpoint's build).
-step tvt-8b-cita 900 python bench/trainable_vs_trl.py --cases cita-bf16 --steps 30 --block 1 --control --swap \
-                     --bench-file "$ADD"
-# cudaMalloc in a Ray worker vs a plain process (2026-11-24 midday: 0.06 vs 0.11 ms, not slower; ruled out).
-step malloc-probe 300 python bench/cuda_malloc_probe.py
+# Open 1: why a warm Ray trial's step 1 takes 1.5-4.0 s against 0.5-1.3 s alone. Stack samples of the training
+# thread (2026-11-24 midday; $ALIGNSWEEP_PROFILE_STEP1, bench/step1_profiles.py): the extra is the first
+# scaled_dot_product_attention call, 1.2-2.9 s of CPU per Ray trial, as much as a process's very first trial
+# (1.5 s), against 0.07-0.18 s for warm trials alone. This probe asks, without training, whether each new Ray
+# actor thread pays SDPA's first-call cost (cudaMalloc, also here, was ruled out: not slower in Ray).
+step ray-thread-probe 300 python bench/ray_thread_probe.py
+# Whole trials alone (--as-sweep) and the per-GPU Ray sweep, step 1 stack-sampled in both, to compare after a fix.
 step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RESULTS/prof/alone-as-sweep" \
                      python bench/first_step.py --as-sweep --repeat 1 --threads 1 --in-thread \
                      ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
@@ -58,9 +55,13 @@ step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu pac
 # sft/dpo x bf16/nf4 and SmolLM2 sft-nf4, dpo-nf4, dpo-bf16 measured, none resolved slower at 30 steps (+-4-7%).
 # Since then the DPO/CITA reference pass leaves gradient checkpointing on (trainables/dpo.py; TRL toggles it
 # around every micro-batch, ~25 ms on a CPU for SmolLM2): dpo/cita rows now measure that against bare TRL.
-# Not yet in both orders: CITA (8B, SmolLM2). ~4-5 min per 8B case, ~4 per SmolLM2 case at 30 steps.
-step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases dpo-bf16 cita-bf16 --steps 60 \
+# After it (midday): SmolLM2 dpo-bf16 0.982, cita-bf16 0.960 (both orders). Not yet after it: the nf4 rows. ~4-5 min
+# per 8B case, ~3 per SmolLM2 case at 30 steps.
+step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases cita-nf4 dpo-nf4 --steps 30 \
                      --block 1 --control --swap --bench-file "$ADD"
+# 8B cita-bf16 measured in both orders on 2026-11-24 midday (0.974 / 0.965); cita-nf4 not yet.
+step tvt-8b-cita 900 python bench/trainable_vs_trl.py --cases cita-nf4 --steps 30 --block 1 --control --swap \
+                     --bench-file "$ADD"
 step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"
 step tvt-8b-bf16 1200 python bench/trainable_vs_trl.py --cases dpo-bf16 sft-bf16 --steps 30 --block 1 --control --swap \
