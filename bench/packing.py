@@ -359,7 +359,7 @@ def main():
         for mode in a.mode:
             n = (a.seeds if mode == "per-gpu" else a.packed_seeds) * gpus
             if a.profile_step1:  # Ray's local workers inherit the driver's environment
-                os.environ["ALIGNSWEEP_PROFILE_STEP1"] = f"{a.profile_step1}/{mode}-{gpus}gpu"
+                os.environ["ALIGNSWEEP_PROFILE_STEP1"] = str(Path(a.profile_step1).resolve() / f"{mode}-{gpus}gpu")
             row = run_mode(mode, gpus, list(range(1, n + 1)), a.cpus_per_gpu, a.overrides)
             print(json.dumps(row), flush=True)
             with results.open("a") as fh:

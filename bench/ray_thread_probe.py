@@ -44,21 +44,34 @@ def allocate(rounds: int, sizes_mib: list[int], per_size: int) -> dict:
 
 
 def first_sdpa(batch: int = 2, heads: int = 9, kv_heads: int = 3, seq: int = 1024, head_dim: int = 64) -> dict:
-    """Seconds (wall and thread CPU) of this thread's first SDPA call forward + backward, at SmolLM2-135M's
-    attention shapes in bf16 (causal, GQA expanded as transformers' sdpa path does), then of a second call."""
+    """Seconds of this thread's first SDPA forward + backward at SmolLM2-135M's attention shapes in bf16, in the
+    two ways transformers 5.17 calls it: no mask (is_causal, enable_gqa) and a padded batch (a boolean mask, K/V
+    expanded per head), each first and second time. Backends and their first-call costs may differ between the
+    two. CPU is the forward's only: a CUDA backward runs in autograd's device thread."""
     import torch
     import torch.nn.functional as F
 
-    q = torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    kv = torch.randn(batch, kv_heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
-    k = v = kv.repeat_interleave(heads // kv_heads, dim=1)
+    def qkv(expand: bool):
+        q = torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k, v = (torch.randn(batch, kv_heads, seq, head_dim, device="cuda", dtype=torch.bfloat16,
+                            requires_grad=True) for _ in range(2))
+        return (q, k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)) \
+            if expand else (q, k, v)
+
+    mask = torch.ones(seq, seq, device="cuda", dtype=torch.bool).tril().expand(batch, 1, seq, seq).clone()
+    mask[0, :, :, seq // 2:] = False  # the first row padded at its end
+    calls = {"causal_gqa": lambda: F.scaled_dot_product_attention(*qkv(False), is_causal=True, enable_gqa=True),
+             "padded_mask": lambda: F.scaled_dot_product_attention(*qkv(True), attn_mask=mask)}
     out = {}
-    for call in ("first", "second"):
-        torch.cuda.synchronize()
-        wall, cpu = time.perf_counter(), time.thread_time()
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
-        torch.cuda.synchronize()
-        out[f"{call}_s"], out[f"{call}_cpu_s"] = time.perf_counter() - wall, time.thread_time() - cpu
+    for variant, call in calls.items():
+        for n in ("first", "second"):
+            torch.cuda.synchronize()
+            wall, cpu = time.perf_counter(), time.thread_time()
+            y = call()
+            cpu = time.thread_time() - cpu
+            y.sum().backward()
+            torch.cuda.synchronize()
+            out[f"{variant}_{n}_s"], out[f"{variant}_{n}_fwd_cpu_s"] = time.perf_counter() - wall, cpu
     out["cudnn_sdp_enabled"] = torch.backends.cuda.cudnn_sdp_enabled()
     return out
 
@@ -105,13 +118,14 @@ def main():
     import torch
 
     print(f"{torch.cuda.get_device_name()}; sizes {a.sizes_mib} MiB x {a.per_size}, {a.rounds} rounds (medians)")
-    print("| where | cudaMalloc calls per round | ms per cudaMalloc (wall / thread CPU) | first SDPA fwd+bwd s "
-          "(wall / CPU) | second SDPA s | cuDNN SDPA enabled |")
+    print("| where | cudaMalloc calls per round | ms per cudaMalloc (wall / thread CPU) | SDPA causal+GQA fwd+bwd s: "
+          "first (fwd CPU) / second | SDPA padded mask: first (fwd CPU) / second | cuDNN SDPA enabled |")
     print("|---|---|---|---|---|---|")
     for where, r in rows.items():
+        sdpa = " | ".join(f"{r[f'{v}_first_s']:.3f} ({r[f'{v}_first_fwd_cpu_s']:.3f}) / {r[f'{v}_second_s']:.4f}"
+                          for v in ("causal_gqa", "padded_mask"))
         print(f"| {where} | {r['mallocs_per_round']:.0f} | {r['ms_per_malloc']:.3f} / {r['cpu_ms_per_malloc']:.3f} | "
-              f"{r['first_s']:.3f} / {r['first_cpu_s']:.3f} | {r['second_s']:.4f} | {r['cudnn_sdp_enabled']} |")
-
+              f"{sdpa} | {r['cudnn_sdp_enabled']} |")
 
 if __name__ == "__main__":
     main()

@@ -57,3 +57,17 @@ def test_reference_log_probs_equal_trl_toggle(tiny_model, method, tmp_path):
     for a, b in zip(ours, trl):
         assert torch.equal(a, b)
     assert trainer.model.is_gradient_checkpointing
+
+
+def test_a_plain_model_keeps_trls_toggle(tiny_model):
+    """Without PEFT the flag is a read-only property: the pass leaves it alone instead of failing."""
+    from transformers import AutoModelForCausalLM
+
+    from trainables import models
+    from trainables.dpo import checkpointing_left_on
+
+    model = AutoModelForCausalLM.from_pretrained(models.resolve(tiny_model))
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    with checkpointing_left_on(model):
+        assert model.is_gradient_checkpointing
+    assert "is_gradient_checkpointing" not in vars(model)

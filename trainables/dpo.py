@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 from trainables import lora
 from trainables.config import TrialConfig
@@ -14,13 +15,16 @@ from trainables.training_args import trl_args
 def checkpointing_left_on(model):
     """Stop TRL's reference pass from turning gradient checkpointing off and on again around every micro-batch.
 
-    Why: each toggle walks every module four times (~20 ms a step for SmolLM2 on a CPU), and each re-enable adds
+    Why: each toggle walks every module four times (~25 ms per pass for SmolLM2 on a CPU), and each re-enable adds
     one more forward hook on the input embeddings that nothing removes (transformers 5.17), so every later
     forward, generation included, runs one hook more per micro-batch trained. Leaving it on is exact: under
     no_grad torch's checkpoint saves and recomputes nothing. TRL decides the toggle from
     `model.is_gradient_checkpointing`, so we answer False for the pass (an instance attribute on the PeftModel).
-    TRL's own reason for the toggle is a warning that only reentrant checkpointing gives (we use non-reentrant)."""
-    if "is_gradient_checkpointing" in vars(model):  # nested: the outer block restores it
+    TRL's own reason for the toggle is a warning that only reentrant checkpointing gives (we use non-reentrant;
+    TRL forces reentrant only under DeepSpeed ZeRO-3 with PEFT, where the pass would warn once per layer)."""
+    # nested: the outer block restores it; not a PeftModel: the property cannot be shadowed, so TRL's toggle runs
+    shadowable = not isinstance(inspect.getattr_static(type(model), "is_gradient_checkpointing", None), property)
+    if "is_gradient_checkpointing" in vars(model) or not shadowable:
         yield
         return
     model.is_gradient_checkpointing = False

@@ -65,7 +65,9 @@ def _step_clock(started: float, name: str = "trial"):
 
     With $ALIGNSWEEP_PROFILE_STEP1 set to a directory, the training thread's stack is sampled through step 1
     (trainables/stack_sampler.py, every 2 ms; also inside a Ray worker) and saved there as
-    `{name}-{pid}-{n}.folded` (n: the worker_trial tag); bench/step1_profiles.py compares groups of them."""
+    `{name}-{pid}-{n}.folded` (n: the worker_trial tag); bench/step1_profiles.py compares groups of them. Give
+    an absolute path: Ray Tune runs each trial in its own working directory. Such trials log
+    sys/first_step_sampled, since the sampler's GIL share (a few % on Python-bound code) is in their step 1."""
     from transformers import TrainerCallback
 
     profile_dir = os.environ.get("ALIGNSWEEP_PROFILE_STEP1")
@@ -109,8 +111,12 @@ def _step_clock(started: float, name: str = "trial"):
                 self.first_mallocs = _cuda_mallocs() - self.first_mallocs
                 self.stop_probes()
                 if sampler is not None:
-                    Path(profile_dir).mkdir(parents=True, exist_ok=True)
-                    sampler.dump(f"{profile_dir}/{name}-{os.getpid()}-{_trials_in_this_process - 1}.folded")
+                    try:  # a profile is never worth a trial
+                        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+                        sampler.dump(f"{profile_dir}/{name}-{os.getpid()}-{_trials_in_this_process - 1}.folded")
+                    except OSError as err:
+                        print(f"step-1 profile not saved: {err}", flush=True)
+                    self.last_end = time.perf_counter()  # later steps without the sampler's join and write
             else:
                 self.last_end = time.perf_counter()
                 self.later += 1
@@ -130,7 +136,8 @@ def _step_clock(started: float, name: str = "trial"):
                     "time/first_step_cpu_s": self.first_cpu, "time/first_step_gc_s": self.first_gc,
                     "time/later_steps_s": self.last_end - self.first_end,
                     **({"time/later_step_s": (self.last_end - self.first_end) / self.later} if self.later else {}),
-                    **({"sys/first_step_cuda_mallocs": self.first_mallocs} if torch.cuda.is_available() else {})}
+                    **({"sys/first_step_cuda_mallocs": self.first_mallocs} if torch.cuda.is_available() else {}),
+                    **({"sys/first_step_sampled": 1.0} if sampler is not None else {})}  # its times include it
 
     return StepClock()
 
