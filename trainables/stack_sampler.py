@@ -7,8 +7,8 @@ the GIL, the sampler waits up to the switch interval (5 ms); while it is in C th
 runs every `interval`. It cannot see C code that keeps the GIL, and a CUDA backward runs in autograd's own device
 thread, so it shows as the `backward` line that waits for it.
 
-Why not cProfile: from Python 3.12 it records every thread's calls into one profile (sys.monitoring), so inside a
-Ray worker, whose main thread polls for the trial's results while the trial trains in another thread, the
+Why not cProfile: on the GPU machine's Python (3.12+, sys.monitoring) it recorded every thread's calls into one
+profile, so inside a Ray worker, whose main thread polls for the trial's results while the trial trains in another thread, the
 training thread's times come out mixed with the poller's waits. Sampling one thread by id keeps them apart. Time
 in C (a torch op, a CUDA call) shows as the Python line that called it. (py-spy does this from outside the
 process, but it is not a dependency here and cannot be started from inside a Ray trial.)
