@@ -178,7 +178,8 @@ def main():
                     "(the local GPU profile: 1 CPU per trial, so 1); default: torch's own")
     ap.add_argument("--in-thread", action="store_true", help="each trial in a new thread, its reports handed to "
                     "the main thread, as a Ray Tune worker runs it (without Tune's controller's wait); not with "
-                    "--profile, which sees one thread")
+                    "--profile (cProfile sees one thread before Python 3.12, every thread mixed from it); to "
+                    "profile step 1 here, set $ALIGNSWEEP_PROFILE_STEP1 (trainables/trial.py)")
     ap.add_argument("--seed", type=int, default=1, help="every trial's seed, which sets its batches: 1, as the "
                     "first trial of each kind in bench/packing.py's sweeps (the profile's own is 42)")
     ap.add_argument("--bench-file", default=None, help="append the table here (e.g. BENCHMARKS.md)")

@@ -41,7 +41,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # Open 1: why a warm Ray trial's step 1 takes 1.5-4.0 s against 0.5-1.3 s alone. Stack samples of the training
 # thread (2026-11-24 midday; $ALIGNSWEEP_PROFILE_STEP1, bench/step1_profiles.py): the extra is the first
 # scaled_dot_product_attention call, 1.2-2.9 s of CPU per Ray trial, as much as a process's very first trial
-# (1.5 s), against 0.07-0.18 s for warm trials alone. This probe asks, without training, whether each new Ray
+# (1.5 s) or more, against 0.07-0.18 s for warm trials alone. This probe asks, without training, whether each new Ray
 # actor thread pays SDPA's first-call cost (cudaMalloc, also here, was ruled out: not slower in Ray).
 step ray-thread-probe 300 python bench/ray_thread_probe.py
 # Whole trials alone (--as-sweep) and the per-GPU Ray sweep, step 1 stack-sampled in both, to compare after a fix.

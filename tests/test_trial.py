@@ -156,6 +156,7 @@ def test_step_1_profile_when_asked(runs, tiny_model, tmp_path, monkeypatch):
     {kind}-{pid}-{worker_trial}.folded; a trial that fails inside step 1 leaves no sampler thread running."""
     import os
     import threading
+    import time
 
     from transformers import TrainerCallback
 
@@ -172,7 +173,12 @@ def test_step_1_profile_when_asked(runs, tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNSWEEP_PROFILE_STEP1", str(tmp_path / "prof"))
     client = tracking.client(runs)
     experiment = tracking.ensure_experiment(client, "t")
-    run_trial(tiny_trial(method="sft", max_steps=3), "a", runs, experiment, callbacks=[MarkSteps()])
+    from trainables.stack_sampler import StackSampler
+
+    real_dump = StackSampler.dump
+    monkeypatch.setattr(StackSampler, "dump", lambda self, path: real_dump(self, path) or time.sleep(1.0))
+    metrics = run_trial(tiny_trial(method="sft", max_steps=3), "a", runs, experiment, callbacks=[MarkSteps()])
+    assert metrics["sys/first_step_sampled"] == 1 and metrics["time/later_steps_s"] < 1.0  # the write left out
     n = trial._trials_in_this_process - 1
     files = sorted(p.name for p in (tmp_path / "prof").iterdir())
     assert files == [f"sft-lora-fp32-{os.getpid()}-{n}.folded"]

@@ -81,7 +81,7 @@ def _step_clock(started: float, name: str = "trial"):
         return torch.cuda.memory_stats().get("segment.all.allocated", 0) if torch.cuda.is_available() else 0
 
     class StepClock(TrainerCallback):
-        first_begin = first_end = last_end = first_cpu = gc_started = None
+        first_begin = first_end = later_from = last_end = first_cpu = gc_started = None
         first_mallocs = 0
         later = 0  # steps after the first
         first_gc = 0.0
@@ -106,7 +106,7 @@ def _step_clock(started: float, name: str = "trial"):
         def on_step_end(self, args, state, control, **kwargs):
             if self.first_end is None:
                 _sync()
-                self.first_end = self.last_end = time.perf_counter()
+                self.first_end = self.later_from = self.last_end = time.perf_counter()
                 self.first_cpu = time.thread_time() - self.first_cpu
                 self.first_mallocs = _cuda_mallocs() - self.first_mallocs
                 self.stop_probes()
@@ -116,7 +116,7 @@ def _step_clock(started: float, name: str = "trial"):
                         sampler.dump(f"{profile_dir}/{name}-{os.getpid()}-{_trials_in_this_process - 1}.folded")
                     except OSError as err:
                         print(f"step-1 profile not saved: {err}", flush=True)
-                    self.last_end = time.perf_counter()  # later steps without the sampler's join and write
+                    self.later_from = self.last_end = time.perf_counter()  # later steps leave out the write
             else:
                 self.last_end = time.perf_counter()
                 self.later += 1
@@ -134,8 +134,8 @@ def _step_clock(started: float, name: str = "trial"):
                     "time/before_first_step_s": self.first_begin - started,
                     "time/first_step_s": self.first_end - self.first_begin,
                     "time/first_step_cpu_s": self.first_cpu, "time/first_step_gc_s": self.first_gc,
-                    "time/later_steps_s": self.last_end - self.first_end,
-                    **({"time/later_step_s": (self.last_end - self.first_end) / self.later} if self.later else {}),
+                    "time/later_steps_s": self.last_end - self.later_from,
+                    **({"time/later_step_s": (self.last_end - self.later_from) / self.later} if self.later else {}),
                     **({"sys/first_step_cuda_mallocs": self.first_mallocs} if torch.cuda.is_available() else {}),
                     **({"sys/first_step_sampled": 1.0} if sampler is not None else {})}  # its times include it
 
