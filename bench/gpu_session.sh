@@ -41,13 +41,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # Open 1: why a warm Ray trial's step 1 takes 1.5-4.0 s against 0.5-1.3 s alone. Stack samples of the training
 # thread (2026-11-24 midday; $ALIGNSWEEP_PROFILE_STEP1, bench/step1_profiles.py): the extra is the first
 # scaled_dot_product_attention call, 1.2-2.9 s of CPU per Ray trial, as much as a process's very first trial
-# (1.5 s) or more, against 0.07-0.18 s for warm trials alone. This probe asks, without training, whether each new Ray
-# actor thread pays SDPA's first-call cost (cudaMalloc, also here, was ruled out: not slower in Ray).
+# (1.5 s) or more, against 0.07-0.18 s for warm trials alone. torch keeps cuDNN's attention graphs per thread
+# (MHA.cpp: thread_local) and Tune runs each trial in a new thread; sweeps now run a worker's trials on one lasting
+# thread (sweeps/runner.py _TrialThread). This probe asks, without training, whether each new thread pays SDPA's
+# first-call cost, in a plain process and in a Ray actor (cudaMalloc, also here, was ruled out).
 step ray-thread-probe 300 python bench/ray_thread_probe.py
-# Whole trials alone (--as-sweep) and the per-GPU Ray sweep, step 1 stack-sampled in both, to compare after a fix.
-step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RESULTS/prof/alone-as-sweep" \
-                     python bench/first_step.py --as-sweep --repeat 1 --threads 1 --in-thread \
-                     ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
+# The per-GPU and packed sweeps with the lasting thread, step 1 stack-sampled (compare with the midday samples).
 step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --profile-step1 "$RESULTS/prof" \
                      --bench-file "$ADD"
@@ -62,6 +61,13 @@ step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases ci
 # 8B cita-bf16 measured in both orders on 2026-11-24 midday (0.974 / 0.965); cita-nf4 not yet.
 step tvt-8b-cita 900 python bench/trainable_vs_trl.py --cases cita-nf4 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"
+# The control: each trial in the new thread Tune starts for it, as before the lasting thread (same VM as packing).
+step packing-new-thread 900 python bench/packing.py --mode per-gpu-new-thread --gpus 1 --seeds 1 \
+                     --results "$RESULTS/packing.jsonl" --profile-step1 "$RESULTS/prof" --bench-file "$ADD"
+# Whole trials alone (--as-sweep), each in a new thread, step 1 stack-sampled (measured 2026-11-24 midday).
+step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RESULTS/prof/alone-as-sweep" \
+                     python bench/first_step.py --as-sweep --repeat 1 --threads 1 --in-thread \
+                     ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
 step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"
 step tvt-8b-bf16 1200 python bench/trainable_vs_trl.py --cases dpo-bf16 sft-bf16 --steps 30 --block 1 --control --swap \

@@ -12,6 +12,9 @@ trial start to the end of the first optimizer step on fresh and on warm (reused)
 and utilization (nvidia-smi, once a second).
 - per-gpu: every trial gets a whole GPU (Ray GPU = 1), as a sweep without packing would run.
 - packed: the profile's packing, each trial's GPU share sized by the memory planner (trainables/memory.py).
+- per-gpu-new-thread: per-gpu with each trial in the new thread Ray Tune starts for it
+  ($ALIGNSWEEP_THREAD_PER_TRIAL=1), as sweeps ran before the lasting trial thread (sweeps/runner.py _TrialThread):
+  the control for what that thread saves in a warm trial's first step.
 - packed-mps: the same under NVIDIA's Multi-Process Service (a private control daemon this script starts and
   stops), which lets the kernels of the packed trials' processes run concurrently instead of time-sliced.
 --scaling N...: where packing loses time, without Ray or evaluation: N processes train the same trial's config at
@@ -93,7 +96,8 @@ def mps_daemon(enabled: bool = True):
 
 
 def run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrides: list[str]) -> dict:
-    with mps_daemon(mode == "packed-mps"):
+    new_thread = {"ALIGNSWEEP_THREAD_PER_TRIAL": "1"} if mode == "per-gpu-new-thread" else {}
+    with mps_daemon(mode == "packed-mps"), mock.patch.dict(os.environ, new_thread):  # Ray's workers inherit it
         return _run_mode(mode, gpus, seeds, cpus_per_gpu, overrides)
 
 
@@ -110,7 +114,7 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
     profile = profiles.get("local")
     if not profile.cuda:
         raise SystemExit("bench/packing.py measures GPU packing: no CUDA GPU here")
-    if mode == "per-gpu":
+    if mode.startswith("per-gpu"):
         profile = dataclasses.replace(profile, gpus_per_trial=1, pack_by_memory=False)
     spec = Spec.load(multi_seed.spec(profile))
     spec.study = f"bench-packing-{mode}-{gpus}gpu-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -325,7 +329,8 @@ def main():
     from grit_speed import publish
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", nargs="+", choices=["per-gpu", "packed", "packed-mps"], default=["per-gpu", "packed"])
+    ap.add_argument("--mode", nargs="+", choices=["per-gpu", "per-gpu-new-thread", "packed", "packed-mps"],
+                    default=["per-gpu", "packed"])
     ap.add_argument("--scaling", type=int, nargs="+", metavar="N",
                     help="instead of sweeps: N processes training at once (no Ray), for each N given")
     ap.add_argument("--mps", choices=["off", "on", "both"], default="both", help="--scaling: with MPS, without, both")
@@ -357,7 +362,7 @@ def main():
         return publish(scaling_section(rows, command_line()), a.bench_file)
     for gpus in a.gpus:
         for mode in a.mode:
-            n = (a.seeds if mode == "per-gpu" else a.packed_seeds) * gpus
+            n = (a.seeds if mode.startswith("per-gpu") else a.packed_seeds) * gpus
             if a.profile_step1:  # Ray's local workers inherit the driver's environment
                 os.environ["ALIGNSWEEP_PROFILE_STEP1"] = str(Path(a.profile_step1).resolve() / f"{mode}-{gpus}gpu")
             row = run_mode(mode, gpus, list(range(1, n + 1)), a.cpus_per_gpu, a.overrides)

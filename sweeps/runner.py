@@ -7,8 +7,11 @@ FAILED with its error, Tune trial ERROR) and the others go on.
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,16 +42,54 @@ def _git_sha() -> str:
         return "unknown"
 
 
+class _TrialThread:
+    """One lasting thread per worker process that runs each of its trials in turn.
+
+    Ray Tune runs every trial of a reused worker in a new thread (ray/air/_internal/util.py RunnerThread), and
+    what torch keeps per thread dies with it: cuDNN's attention graphs (thread_local caches in
+    aten/src/ATen/native/cudnn/MHA.cpp), built anew for every shape on a thread's first use. Tune's thread only
+    waits here; exceptions (Tune's SystemExit(0) to stop a trial included) reach it unchanged."""
+
+    _jobs: "queue.SimpleQueue | None" = None
+
+    @classmethod
+    def run(cls, fn):
+        if cls._jobs is None:
+            cls._jobs = queue.SimpleQueue()
+            threading.Thread(target=cls._serve, args=(cls._jobs,), name="alignsweep-trials", daemon=True).start()
+        future = Future()
+        cls._jobs.put((fn, future))
+        return future.result()
+
+    @staticmethod
+    def _serve(jobs):
+        while True:
+            fn, future = jobs.get()
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # noqa: BLE001 - handed to the waiting Tune thread, which raises it
+                future.set_exception(err)
+            del fn, future  # a finished trial's result or traceback must not outlive it here
+
+
 def _tune_trainable(params: dict, context: dict):
-    """What a Ray worker runs for one trial."""
+    """What a Ray worker runs for one trial: on the worker's lasting trial thread (_TrialThread), or with
+    $ALIGNSWEEP_THREAD_PER_TRIAL=1 in the new thread Ray Tune gives each trial (bench/packing.py compares them)."""
     from ray import tune
 
     from trainables.trial import run_trial
 
     params = params["trial"]
-    run_trial(params["config"], params["label"], context["tracking_uri"], context["experiment_id"],
-              context["parent_run_id"], report=tune.report, threads=context["threads"], variant=params["variant"],
-              gpu_share=params["gpu_share"], plan_micro_batch=context["plan_micro_batch"])
+
+    def trial():
+        run_trial(params["config"], params["label"], context["tracking_uri"], context["experiment_id"],
+                  context["parent_run_id"], report=tune.report, threads=context["threads"], variant=params["variant"],
+                  gpu_share=params["gpu_share"], plan_micro_batch=context["plan_micro_batch"])
+
+    if os.environ.get("ALIGNSWEEP_THREAD_PER_TRIAL") == "1":
+        trial()
+    else:
+        _TrialThread.run(trial)
 
 
 def gpu_shares(trials: list[Trial], profile: Profile) -> list[float]:

@@ -28,6 +28,7 @@ METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": c
 _trials_in_this_process = 0
 _kinds_in_this_process: set[tuple[str, str, str]] = set()
 _frozen = False  # see _freeze_once
+_this_thread = threading.local()  # .trials: trials this thread started (per-thread caches: sweeps.runner._TrialThread)
 
 
 class TrainingOOM(RuntimeError):
@@ -217,9 +218,11 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
         "warm_kind": str(kind in _kinds_in_this_process).lower(),
         # which process ran it, and its how-manieth trial there (0: the process's first)
         "worker_pid": str(os.getpid()), "worker_trial": str(_trials_in_this_process),
+        "thread_trial": str(getattr(_this_thread, "trials", 0)),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
     _kinds_in_this_process.add(kind)
     _trials_in_this_process += 1
+    _this_thread.trials = getattr(_this_thread, "trials", 0) + 1
     metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, callbacks)
     _freeze_once()
     if report is not None:
