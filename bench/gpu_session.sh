@@ -50,13 +50,19 @@ step ray-thread-probe 300 python bench/ray_thread_probe.py
 step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --profile-step1 "$RESULTS/prof" \
                      --bench-file "$ADD"
+# A packed warm trial's step 1 still spent 1.3 s in SDPA (2026-11-24 evening): its worker's thread had not yet
+# seen the batch shapes (every new padded length builds cuDNN graphs, ~70 ms per shape). Padding lengths to a
+# multiple of 64 leaves fewer shapes (more padding): the packed sweep with it, in its own results file.
+step packing-pad64 900 python bench/packing.py --mode packed --gpus 1 --packed-seeds 3 \
+                     --set trainer.pad_to_multiple_of=64 --results "$RESULTS/packing-pad64.jsonl" \
+                     --profile-step1 "$RESULTS/prof-pad64" --bench-file "$ADD"
 # Open 2: trainable / bare TRL <= 1.02. --swap (both build orders, geometric mean) on 2026-11-24 morning: 8B
 # sft/dpo x bf16/nf4 and SmolLM2 sft-nf4, dpo-nf4, dpo-bf16 measured, none resolved slower at 30 steps (+-4-7%).
 # Since then the DPO/CITA reference pass leaves gradient checkpointing on (trainables/dpo.py; TRL toggles it
 # around every micro-batch, ~25 ms on a CPU for SmolLM2): dpo/cita rows now measure that against bare TRL.
 # After it (midday): SmolLM2 dpo-bf16 0.982, cita-bf16 0.960 (both orders). Not yet after it: the nf4 rows. ~4-5 min
 # per 8B case, ~3 per SmolLM2 case at 30 steps.
-step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases cita-nf4 dpo-nf4 --steps 30 \
+step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases ${TVT_SMOLLM2_CASES:-cita-nf4 dpo-nf4} --steps 30 \
                      --block 1 --control --swap --bench-file "$ADD"
 # 8B cita-bf16 measured in both orders on 2026-11-24 midday (0.974 / 0.965); cita-nf4 not yet.
 step tvt-8b-cita 900 python bench/trainable_vs_trl.py --cases cita-nf4 --steps 30 --block 1 --control --swap \

@@ -182,7 +182,8 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
 
 def section(rows: list[dict], command: str) -> str:
     nan = float("nan")  # rows written before a column existed
-    latest = {(r["mode"], r["gpus"]): r for r in rows}  # what is rated: the latest row of each mode and GPU count
+    # what is rated: the latest row of each mode and GPU count, as the study runs it (no --set)
+    latest = {(r["mode"], r["gpus"]): r for r in rows if not r.get("overrides")}
 
     lines = [f"\n## GPU packing and scaling — bench/packing.py — {datetime.date.today()}",
              f"`{command}`: the multi-seed study, profile local on a GPU (SmolLM2, bf16 + nf4); each row is its own "
@@ -192,7 +193,8 @@ def section(rows: list[dict], command: str) -> str:
              "report wait s per trial (medians) | GPU share per trial | GPU mem peak MiB | GPU util % | machine |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['mode']} | {r['gpus']} | {r['cpus']} | {r['trials']} ({r['finished']}) | {r['wall_s']:.0f} | "
+        mode = f"{r['mode']} ({', '.join(r['overrides'])})" if r.get("overrides") else r["mode"]
+        lines.append(f"| {mode} | {r['gpus']} | {r['cpus']} | {r['trials']} ({r['finished']}) | {r['wall_s']:.0f} | "
                      f"{r['trials_per_hour']:.0f} | {r['trial_s_median']:.1f} | "
                      f"{' / '.join(f'{v:.1f}' for v in r.get('phase_s_median', {}).values()) or 'n/a'} | "
                      f"{r['first_step_s_cold']:.1f} / "
