@@ -38,24 +38,21 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # per-GPU sweep (3.3-3.6 s median), the study's projected cost (once). VMs differ by up to 40% in speed: compare rows
 # of one run only. Later sessions run with SKIP= naming what finished.
 #
-# Open 1: why a warm Ray trial's step 1 takes 1.5-4.0 s against 0.5-1.3 s alone. Stack samples of the training
-# thread (2026-11-24 midday; $ALIGNSWEEP_PROFILE_STEP1, bench/step1_profiles.py): the extra is the first
-# scaled_dot_product_attention call, 1.2-2.9 s of CPU per Ray trial, as much as a process's very first trial
-# (1.5 s) or more, against 0.07-0.18 s for warm trials alone. torch keeps cuDNN's attention graphs per thread
-# (MHA.cpp: thread_local) and Tune runs each trial in a new thread; sweeps now run a worker's trials on one lasting
-# thread (sweeps/runner.py _TrialThread). This probe asks, without training, whether each new thread pays SDPA's
-# first-call cost, in a plain process and in a Ray actor (cudaMalloc, also here, was ruled out).
+# Open 1, first step <= 5 s on a warm worker. Found (2026-11-24 evening): each new thread rebuilds cuDNN's attention
+# graphs (thread_local in torch; this probe: 50-80 ms per shape in any new thread), and Tune ran each trial in a new
+# thread. Sweeps now keep one lasting thread per worker (sweeps/runner.py _TrialThread): per-GPU warm first step
+# 1.77 s median, all within 5 s; SDPA in step 1 0.16 s against 1.90 s with a thread per trial (same VM). Packed
+# (16 on a GPU) read 4.9 s median only with padded lengths, now the GPU profiles' default: re-check it with margin.
 step ray-thread-probe 300 python bench/ray_thread_probe.py
 # The per-GPU and packed sweeps with the lasting thread, step 1 stack-sampled (compare with the midday samples).
 step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --profile-step1 "$RESULTS/prof" \
                      --bench-file "$ADD"
-# A packed warm trial's step 1 still spent 1.3 s in SDPA (2026-11-24 evening): its worker's thread had not yet
-# seen the batch shapes (every new padded length builds cuDNN graphs, ~70 ms per shape). Padding lengths to a
-# multiple of 64 leaves fewer shapes (more padding): the packed sweep with it, in its own results file.
-step packing-pad64 900 python bench/packing.py --mode packed --gpus 1 --packed-seeds 3 \
-                     --set trainer.pad_to_multiple_of=64 --results "$RESULTS/packing-pad64.jsonl" \
-                     --profile-step1 "$RESULTS/prof-pad64" --bench-file "$ADD"
+# Padded lengths (2026-11-24 evening): the local GPU profile now pads to a multiple of 64 (fewer cuDNN attention
+# shapes: packed 785 trials/h against 582 unpadded, same VM). The control without it, in its own results file.
+step packing-unpadded 900 python bench/packing.py --mode packed --gpus 1 --packed-seeds 3 \
+                     --set trainer.pad_to_multiple_of=null --results "$RESULTS/packing-unpadded.jsonl" \
+                     --profile-step1 "$RESULTS/prof-unpadded" --bench-file "$ADD"
 # Open 2: trainable / bare TRL <= 1.02. --swap (both build orders, geometric mean) on 2026-11-24 morning: 8B
 # sft/dpo x bf16/nf4 and SmolLM2 sft-nf4, dpo-nf4, dpo-bf16 measured, none resolved slower at 30 steps (+-4-7%).
 # Since then the DPO/CITA reference pass leaves gradient checkpointing on (trainables/dpo.py; TRL toggles it
@@ -74,7 +71,7 @@ step packing-new-thread 900 python bench/packing.py --mode per-gpu-new-thread --
 step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RESULTS/prof/alone-as-sweep" \
                      python bench/first_step.py --as-sweep --repeat 1 --threads 1 --in-thread \
                      ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
-step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases dpo-nf4 sft-nf4 --steps 30 --block 1 --control --swap \
+step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases ${TVT_8B_NF4_CASES:-dpo-nf4 sft-nf4} --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"
 step tvt-8b-bf16 1200 python bench/trainable_vs_trl.py --cases dpo-bf16 sft-bf16 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"

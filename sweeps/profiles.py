@@ -15,6 +15,12 @@ _CLUSTER = {"model": "meta-llama/Meta-Llama-3.1-8B", "data": "pku_saferlhf", "n_
             "eval": {"n_generate": 256, "max_new_tokens": 128, "batch_size": 32}}
 
 
+# SmolLM2 on a GPU: batches padded to a multiple of 64 tokens. cuDNN builds attention graphs per batch shape
+# (~70 ms each, per thread), which costs a small model more than the padding: the packed local sweep ran 785
+# trials/h against 582 unpadded (BENCHMARKS.md, 2026-11-24 evening). The 8B profiles leave it off (unmeasured).
+_FEW_SHAPES = {"trainer": {"pad_to_multiple_of": 64}}
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -51,7 +57,7 @@ def _local() -> Profile:
              "grad_accum": 1, "max_length": 128, "max_prompt_length": 96, "gradient_checkpointing": False,
              "warmup_steps": 1, "eval": {"n_generate": 8, "max_new_tokens": 24, "batch_size": 8}}
     if torch.cuda.is_available():
-        return Profile("local", small, cpus_per_trial=1, gpus_per_trial=1, precisions=("bf16", "nf4"),
+        return Profile("local", small | _FEW_SHAPES, cpus_per_trial=1, gpus_per_trial=1, precisions=("bf16", "nf4"),
                        step_scale=0.2, pack_by_memory=True,
                        description="one local GPU, SmolLM2 trials packed on it by estimated memory")
     cpus = os.cpu_count() or 2
@@ -66,7 +72,7 @@ def get(name: str) -> Profile:
         medium = {"model": EMBEDDED, "data": "generated", "template": "model", "n_train": 4096, "n_eval": 256,
                   "micro_batch": 8,
                   "grad_accum": 1, "max_length": 512, "max_prompt_length": 256,
-                  "eval": {"n_generate": 128, "max_new_tokens": 128, "batch_size": 64}}
+                  "eval": {"n_generate": 128, "max_new_tokens": 128, "batch_size": 64}} | _FEW_SHAPES
         return Profile("gpu", medium, cpus_per_trial=2, gpus_per_trial=1, precisions=("bf16", "nf4"),
                        step_scale=0.5, pack_by_memory=True,
                        description="one GPU node, SmolLM2 trials packed on each GPU by estimated memory")

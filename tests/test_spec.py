@@ -2,6 +2,7 @@
 import pytest
 
 from sweeps import profiles
+from sweeps.cli import apply_overrides
 from sweeps.spec import Spec, SpecError, expand, trial_table
 
 
@@ -95,3 +96,14 @@ def test_study_scripts_expand_under_every_profile():
         long = [t for t in cf if t.variant == "exp3_long"][0].config.max_steps
         base = [t for t in cf if t.variant == "baseline"][0].config.max_steps
         assert long > 3 * base
+
+
+def test_nested_overrides_keep_the_profiles_other_fields():
+    # `--set eval.n_generate=3` changes that field only; a variant's trainer knob joins the profile's
+    spec = Spec.load({"study": "nested", "variants": [{"method": "dpo", "trainer": {"max_grad_norm": 0.5}}]})
+    apply_overrides(spec, ["eval.n_generate=3"])
+    profile = {"eval": {"n_generate": 8, "max_new_tokens": 24}, "trainer": {"pad_to_multiple_of": 64}}
+    (trial,) = expand(spec, profile)
+    assert (trial.config.eval.n_generate, trial.config.eval.max_new_tokens) == (3, 24)
+    assert trial.config.trainer == {"pad_to_multiple_of": 64, "max_grad_norm": 0.5}
+    assert profile["eval"] == {"n_generate": 8, "max_new_tokens": 24}  # the profile itself is left as it was
