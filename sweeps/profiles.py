@@ -15,9 +15,10 @@ _CLUSTER = {"model": "meta-llama/Meta-Llama-3.1-8B", "data": "pku_saferlhf", "n_
             "eval": {"n_generate": 256, "max_new_tokens": 128, "batch_size": 32}}
 
 
-# SmolLM2 on a GPU: batches padded to a multiple of 64 tokens. cuDNN builds attention graphs per batch shape
-# (~70 ms each, per thread), which costs a small model more than the padding: the packed local sweep ran 785
-# trials/h against 582 unpadded (BENCHMARKS.md, 2026-11-24 evening). The 8B profiles leave it off (unmeasured).
+# The local profile on a GPU pads batches to a multiple of 64 tokens. cuDNN builds attention graphs per batch
+# shape (50-80 ms each, per thread), which costs a 135M model more than the padding: its packed sweep ran 785
+# trials/h against 582 unpadded (BENCHMARKS.md, 2026-11-24 evening; tests/test_padding.py: same loss). The `gpu`
+# and 8B profiles leave it off: not measured there.
 _FEW_SHAPES = {"trainer": {"pad_to_multiple_of": 64}}
 
 
@@ -72,7 +73,7 @@ def get(name: str) -> Profile:
         medium = {"model": EMBEDDED, "data": "generated", "template": "model", "n_train": 4096, "n_eval": 256,
                   "micro_batch": 8,
                   "grad_accum": 1, "max_length": 512, "max_prompt_length": 256,
-                  "eval": {"n_generate": 128, "max_new_tokens": 128, "batch_size": 64}} | _FEW_SHAPES
+                  "eval": {"n_generate": 128, "max_new_tokens": 128, "batch_size": 64}}
         return Profile("gpu", medium, cpus_per_trial=2, gpus_per_trial=1, precisions=("bf16", "nf4"),
                        step_scale=0.5, pack_by_memory=True,
                        description="one GPU node, SmolLM2 trials packed on each GPU by estimated memory")
