@@ -15,13 +15,6 @@ _CLUSTER = {"model": "meta-llama/Meta-Llama-3.1-8B", "data": "pku_saferlhf", "n_
             "eval": {"n_generate": 256, "max_new_tokens": 128, "batch_size": 32}}
 
 
-# The local profile on a GPU pads batches to a multiple of 64 tokens. cuDNN builds attention graphs per batch
-# shape (50-80 ms each, per thread), which costs a 135M model more than the padding: its packed sweep ran 785
-# trials/h against 582 unpadded (BENCHMARKS.md, 2026-11-24 evening; tests/test_padding.py: same loss). The `gpu`
-# and 8B profiles leave it off: not measured there.
-_FEW_SHAPES = {"trainer": {"pad_to_multiple_of": 64}}
-
-
 @dataclass(frozen=True)
 class Profile:
     name: str
@@ -37,6 +30,11 @@ class Profile:
     pack_by_memory: bool = False
     plan_micro_batch: bool = False
     gpu_mem_gib: float | None = None          # memory of one GPU for packing; None = this machine's GPU 0
+    # Batches padded to a multiple of this many tokens (execution only: same loss, same trial key; a spec's
+    # trainer.pad_to_multiple_of wins). cuDNN builds attention graphs per batch shape, 50-80 ms each per thread,
+    # which costs a 135M model more than the padding: the local GPU profile's packed sweep ran 785 trials/h against
+    # 582 unpadded (BENCHMARKS.md, 2026-11-24 evening). The `gpu` and 8B profiles leave it off: not measured there.
+    pad_to_multiple_of: int | None = None
 
     @property
     def cuda(self) -> bool:
@@ -58,8 +56,8 @@ def _local() -> Profile:
              "grad_accum": 1, "max_length": 128, "max_prompt_length": 96, "gradient_checkpointing": False,
              "warmup_steps": 1, "eval": {"n_generate": 8, "max_new_tokens": 24, "batch_size": 8}}
     if torch.cuda.is_available():
-        return Profile("local", small | _FEW_SHAPES, cpus_per_trial=1, gpus_per_trial=1, precisions=("bf16", "nf4"),
-                       step_scale=0.2, pack_by_memory=True,
+        return Profile("local", small, cpus_per_trial=1, gpus_per_trial=1, precisions=("bf16", "nf4"),
+                       step_scale=0.2, pack_by_memory=True, pad_to_multiple_of=64,
                        description="one local GPU, SmolLM2 trials packed on it by estimated memory")
     cpus = os.cpu_count() or 2
     return Profile("local", small, cpus_per_trial=max(1, cpus // 2), gpus_per_trial=0, precisions=("fp32",),

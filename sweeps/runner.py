@@ -50,21 +50,26 @@ class _TrialThread:
     aten/src/ATen/native/cudnn/MHA.cpp), built anew for every shape on a thread's first use. Tune's thread only
     waits here; exceptions (Tune's SystemExit(0) to stop a trial included) reach it unchanged."""
 
-    _jobs: "queue.SimpleQueue | None" = None
+    _lock = threading.Lock()
+    _thread: threading.Thread | None = None
+    _jobs: queue.SimpleQueue = queue.SimpleQueue()
 
     @classmethod
     def run(cls, fn):
-        if cls._jobs is None:
-            cls._jobs = queue.SimpleQueue()
-            threading.Thread(target=cls._serve, args=(cls._jobs,), name="alignsweep-trials", daemon=True).start()
+        if threading.current_thread() is cls._thread:  # already on it: waiting for itself would never end
+            return fn()
+        with cls._lock:
+            if cls._thread is None or not cls._thread.is_alive():
+                cls._thread = threading.Thread(target=cls._serve, name="alignsweep-trials", daemon=True)
+                cls._thread.start()
         future = Future()
         cls._jobs.put((fn, future))
         return future.result()
 
-    @staticmethod
-    def _serve(jobs):
+    @classmethod
+    def _serve(cls):
         while True:
-            fn, future = jobs.get()
+            fn, future = cls._jobs.get()
             try:
                 future.set_result(fn())
             except BaseException as err:  # noqa: BLE001 - handed to the waiting Tune thread, which raises it
@@ -84,7 +89,8 @@ def _tune_trainable(params: dict, context: dict):
     def trial():
         run_trial(params["config"], params["label"], context["tracking_uri"], context["experiment_id"],
                   context["parent_run_id"], report=tune.report, threads=context["threads"], variant=params["variant"],
-                  gpu_share=params["gpu_share"], plan_micro_batch=context["plan_micro_batch"])
+                  gpu_share=params["gpu_share"], plan_micro_batch=context["plan_micro_batch"],
+                  pad_to_multiple_of=context["pad_to_multiple_of"])
 
     if os.environ.get("ALIGNSWEEP_THREAD_PER_TRIAL") == "1":
         trial()
@@ -178,7 +184,8 @@ def run_sweep(spec: Spec, profile: Profile, *, address: str | None = None, track
     try:
         result.failed = _fit(todo, shares, profile, address, storage, {
             "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": result.parent_run_id,
-            "threads": max(1, int(profile.cpus_per_trial)), "plan_micro_batch": profile.plan_micro_batch},
+            "threads": max(1, int(profile.cpus_per_trial)), "plan_micro_batch": profile.plan_micro_batch,
+            "pad_to_multiple_of": profile.pad_to_multiple_of},
             spec.study, max_concurrent)
         status = "FINISHED"
     finally:  # an interrupted sweep still closes its parent run; finished trials stay and are skipped next time

@@ -108,6 +108,17 @@ def test_grows_with_micro_batch_and_seq_len():
                 assert totals == sorted(totals) and len(set(totals)) == 4, (method, precision, gc, totals)
 
 
+def test_padding_to_a_multiple_counts_the_padded_length_and_mask():
+    # TRL truncates to max_length, then pads up to the multiple: 1000 tokens train as 1024
+    plain = trial(method="sft", max_length=1000)
+    padded = trial(method="sft", max_length=1000, trainer={"pad_to_multiple_of": 64})
+    at_1024 = trial(method="sft", max_length=1024)
+    assert estimate_peak(padded, LLAMA8B).total > estimate_peak(at_1024, LLAMA8B).total  # + the padding mask
+    assert estimate_peak(padded, LLAMA8B).total > estimate_peak(plain, LLAMA8B).total
+    aligned = trial(method="sft", max_length=1024, trainer={"pad_to_multiple_of": 64})  # micro-batch 1: no mask
+    assert estimate_peak(aligned, LLAMA8B).parts["activations"] > estimate_peak(at_1024, LLAMA8B).parts["activations"]
+
+
 def test_checkpointing_off_needs_more_activation_memory():
     for precision in ("bf16", "nf4"):
         on = estimate_peak(trial(precision=precision, gradient_checkpointing=True), LLAMA8B)

@@ -470,3 +470,24 @@ def test_chunked_log_probs_equal_the_full_logits_ones(tiny_model, monkeypatch):
             reference = evaluate._token_logps(model, ids, attn)
     assert torch.allclose(chunked, full, atol=1e-5)
     assert not torch.allclose(chunked, reference, atol=1e-3)
+
+
+def test_padding_from_the_profile_changes_how_a_trial_runs_not_its_key(runs, tiny_model):
+    # sweeps pass the profile's pad_to_multiple_of; a config's own trainer.pad_to_multiple_of (null too) wins
+    from transformers import TrainerCallback
+
+    class Seen(TrainerCallback):
+        pads = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.pads.append(args.pad_to_multiple_of)
+
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    run_trial(tiny_trial(method="dpo"), "a", runs, exp, pad_to_multiple_of=64, callbacks=[Seen()])
+    run_trial(tiny_trial(method="dpo", trainer={"pad_to_multiple_of": None}), "b", runs, exp, pad_to_multiple_of=64,
+              callbacks=[Seen()])
+    assert Seen.pads == [64, None]
+    by_label = {r.data.tags["config_label"]: r.data.tags for r in client.search_runs([exp])}
+    assert by_label["a"]["exec_pad_to_multiple_of"] == "64" and "exec_pad_to_multiple_of" not in by_label["b"]
+    assert by_label["a"]["trial_key"] == TrialConfig(**tiny_trial(method="dpo")).trial_key

@@ -213,9 +213,13 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
     p = _PRECISIONS[cfg.precision]
     mb = cfg.micro_batch if micro_batch is None else micro_batch
     seq = cfg.max_length if seq_len is None else seq_len
+    pad = cfg.trainer.get("pad_to_multiple_of")
+    if pad:  # TRL truncates to max_length, then pads up to the multiple
+        seq = -(-seq // pad) * pad
     seqs = mb * (2 if cfg.method in ("dpo", "cita") else 1)
     t, h, i, a = seqs * seq, shape.hidden, shape.intermediate, p.act
-    padded = seqs > 1  # a padding mask switches SDPA to the masked kernel (and costs seqs x seq^2 bools)
+    # a padding mask switches SDPA to the masked kernel (and costs seqs x seq^2 bools)
+    padded = seqs > 1 or bool(pad)
 
     n_lora = lora_params(cfg, shape)
     state, step_tmp = _optimizer_bytes(cfg.optim, p.lora)

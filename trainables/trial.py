@@ -198,11 +198,13 @@ def halve_micro_batch(cfg: TrialConfig) -> TrialConfig:
 def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, parent_run_id: str | None = None,
               report: Callable[[dict], None] | None = None, threads: int | None = None,
               variant: str = "", gpu_share: float = 1.0, plan_micro_batch: bool = False,
-              callbacks=()) -> dict[str, float]:
+              pad_to_multiple_of: int | None = None, callbacks=()) -> dict[str, float]:
     """Run one trial, filed as an MLflow child run. A failure is recorded on the run, then re-raised.
 
     gpu_share: the fraction of the GPU this trial was given (Ray's fractional GPU). plan_micro_batch: train at the
-    largest micro-batch the memory planner says fits that share, at the same effective batch. callbacks: more
+    largest micro-batch the memory planner says fits that share, at the same effective batch. pad_to_multiple_of:
+    pad batches to a multiple of this many tokens unless the config's trainer knobs say (fewer shapes for cuDNN's
+    attention graphs; the loss is the same). Both change how the trial runs, not its key. callbacks: more
     transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
     global _trials_in_this_process
     started = time.perf_counter()
@@ -223,19 +225,24 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     _kinds_in_this_process.add(kind)
     _trials_in_this_process += 1
     _this_thread.trials = getattr(_this_thread, "trials", 0) + 1
-    metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, callbacks)
+    metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch,
+                            pad_to_multiple_of, callbacks)
     _freeze_once()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
     return metrics
 
 
-def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, callbacks) -> dict:
+def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, pad_to_multiple_of,
+                  callbacks) -> dict:
     """The trial's attempts: OOM in training retries at half the micro-batch, twice the accumulation."""
     attempt, retries = cfg, 0
     try:
+        if pad_to_multiple_of and "pad_to_multiple_of" not in cfg.trainer:
+            attempt = cfg.model_copy(update={"trainer": {**cfg.trainer, "pad_to_multiple_of": pad_to_multiple_of}})
+            tracking.set_tags(client, run_id, {"exec_pad_to_multiple_of": pad_to_multiple_of})
         if plan_micro_batch and torch.cuda.is_available():
-            attempt = _planned(cfg, gpu_share, client, run_id)
+            attempt = _planned(attempt, gpu_share, client, run_id)
         while True:
             tracking.set_tags(client, run_id, {"exec_micro_batch": attempt.micro_batch,
                                                "exec_grad_accum": attempt.grad_accum})
