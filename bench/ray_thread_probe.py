@@ -6,6 +6,8 @@ at every trainer.train() start) and of the thread's first scaled_dot_product_att
 Why (BENCHMARKS.md, 2026-11-24 midday): a warm Ray trial's step 1 spent 1.2-2.9 s of CPU in the SDPA call
 (stack samples), as much as a process's very first trial (1.5 s), against 0.07-0.18 s for warm trials alone
 (each in a new thread too). cudaMalloc was ruled out: 0.06 ms per call in Ray, 0.11 in this process.
+Found (2026-11-24 evening): any new thread pays 52-84 ms for its first SDPA call at a shape (cuDNN's graphs are
+cached per thread), in Ray and out of it; sweeps now keep one thread per worker (sweeps/runner.py _TrialThread).
 
     python bench/ray_thread_probe.py
 """
@@ -126,6 +128,7 @@ def main():
                           for v in ("causal_gqa", "padded_mask"))
         print(f"| {where} | {r['mallocs_per_round']:.0f} | {r['ms_per_malloc']:.3f} / {r['cpu_ms_per_malloc']:.3f} | "
               f"{sdpa} | {r['cudnn_sdp_enabled']} |")
+
 
 if __name__ == "__main__":
     main()

@@ -215,16 +215,17 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     cfg = TrialConfig(**config)
     client = tracking.client(tracking_uri)
     kind = (cfg.method, cfg.adapter, cfg.precision)
+    thread_trials = getattr(_this_thread, "trials", 0)
     run_id = tracking.start_trial_run(client, experiment_id, parent_run_id, cfg, label, variant, execution={
         "gpu_share": f"{gpu_share:.4g}", "warm_worker": str(_trials_in_this_process > 0).lower(),
         "warm_kind": str(kind in _kinds_in_this_process).lower(),
         # which process ran it, and its how-manieth trial there (0: the process's first)
         "worker_pid": str(os.getpid()), "worker_trial": str(_trials_in_this_process),
-        "thread_trial": str(getattr(_this_thread, "trials", 0)),
+        "thread_trial": str(thread_trials),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
     _kinds_in_this_process.add(kind)
     _trials_in_this_process += 1
-    _this_thread.trials = getattr(_this_thread, "trials", 0) + 1
+    _this_thread.trials = thread_trials + 1
     metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch,
                             pad_to_multiple_of, callbacks)
     _freeze_once()
