@@ -44,6 +44,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # 1.77 s median, all within 5 s; SDPA in step 1 0.16 s against 1.90 s with a thread per trial (same VM). Packed
 # (16 on a GPU) read 4.9 s median only with padded lengths, now the GPU profiles' default: re-check it with margin.
 step ray-thread-probe 300 python bench/ray_thread_probe.py
+# The planner's estimate is within 15% except SmolLM2 sft-nf4 (-12 to -18%, ~50 MiB): what is live at its peak.
+step memory-peak 300 python bench/memory_peak.py --shape smollm2 --cases sft-nf4 sft-bf16 cita-nf4
+# Open 3: DPO planner >= 3x bare batch 1 (1.74x on 2026-11-23, before the reference-pass change). Again, then
+# with the reference log-probs precomputed before training (TRL's precompute_ref_log_probs: the step without the
+# reference forward, what a sweep-wide cache would give), then without checkpointing (planned for it).
+step planner-dpo 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD"
+step planner-dpo-precompute 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD" \
+                     --trainable-set trainer.precompute_ref_log_probs=true
+step planner-dpo-nockpt 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD" \
+                     --trainable-set gradient_checkpointing=false
 # The per-GPU and packed sweeps with the lasting thread, step 1 stack-sampled (compare with the midday samples).
 step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --profile-step1 "$RESULTS/prof" \
@@ -71,7 +81,7 @@ step packing-new-thread 900 python bench/packing.py --mode per-gpu-new-thread --
 step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RESULTS/prof/alone-as-sweep" \
                      python bench/first_step.py --as-sweep --repeat 1 --threads 1 --in-thread \
                      ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
-step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases ${TVT_8B_NF4_CASES:-dpo-nf4 sft-nf4} --steps 30 --block 1 --control --swap \
+step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases ${TVT_8B_NF4_CASES:-dpo-nf4 sft-nf4} --steps ${TVT_STEPS:-30} --block 1 --control --swap \
                      --bench-file "$ADD"
 step tvt-8b-bf16 1200 python bench/trainable_vs_trl.py --cases dpo-bf16 sft-bf16 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"

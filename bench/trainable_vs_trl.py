@@ -245,6 +245,14 @@ def tokens_per_sequence(trainer) -> str:
 
 
 # ---- the two sides -------------------------------------------------------------------------------------------
+def with_trainable_set(cfg, items: list[str]):
+    """--trainable-set FIELD=VALUE: the trainable's config with a knob changed (not bare TRL's: --planner only)."""
+    from sweeps.cli import parse_overrides
+    from sweeps.spec import layered
+
+    return type(cfg)(**layered(cfg.model_dump(), parse_overrides(items))) if items else cfg
+
+
 def trial_config(method, precision, model_name, seq, micro_batch, grad_accum, max_steps):
     from trainables.config import TrialConfig
 
@@ -698,6 +706,13 @@ def peak_flops(a) -> tuple[float, str]:
     return float("nan"), f"{name}: unknown peak (pass --peak-tflops)"
 
 
+def flops_per_token(cfg) -> tuple[int, int]:
+    """(model, hardware) FLOPs per processed token in units of N: forward 2N + input-grad backward 2N (frozen base),
+    + 2N reference forward for DPO/CITA unless precomputed; hardware adds 2N for the checkpointing recompute."""
+    model_f = 4 + (2 if cfg.method != "sft" and not cfg.trainer.get("precompute_ref_log_probs") else 0)
+    return model_f, model_f + (2 if cfg.gradient_checkpointing else 0)
+
+
 def run_planner_case(case, env, a) -> dict:
     """Bare TRL at micro-batch 1 x E, then the trainable at the planner's micro-batch (same E), one after the other."""
     import torch
@@ -711,7 +726,8 @@ def run_planner_case(case, env, a) -> dict:
     try:
         from trainables import memory
 
-        base_cfg = trial_config(method, precision, env.model_name, a.seq, 1, E, steps_total)
+        base_cfg = with_trainable_set(trial_config(method, precision, env.model_name, a.seq, 1, E, steps_total),
+                                      a.trainable_set)
         shape = shape_of(env.model_name, env.ckpt)
         if a.budget_gib:
             budget = int(a.budget_gib * 2**30)
@@ -738,8 +754,10 @@ def run_planner_case(case, env, a) -> dict:
         free_memory()
         # the trainable at the planner's micro-batch, alone
         cfg = base_cfg.model_copy(update={"micro_batch": mb, "grad_accum": ga})
-        m0 = allocated()
+        m0, t0 = allocated(), time.perf_counter()
         trainer, logger, run_id = build_trainable(cfg, ds, env)
+        notes.append(f"trainable built in {time.perf_counter() - t0:.1f} s (model load, adapter, trainer; with "
+                     "trainer.precompute_ref_log_probs, the reference pass over the whole dataset)")
         side = Side("trainable", trainer, allocated() - m0)
         Interleaver({"trainable": side}, [("trainable", steps_total)]).run()
         env.client.set_terminated(run_id, "FINISHED" if side.error is None else "FAILED")
@@ -750,14 +768,15 @@ def run_planner_case(case, env, a) -> dict:
         free_memory()
         res["estimate"] = est.gib
         flops, flops_src = peak_flops(a)
-        model_f, hw_f = (4, 6) if method == "sft" else (6, 8)
-        for k in ("bare", "trainable"):
+        for k, c in (("bare", base_cfg.model_copy(update={"gradient_checkpointing": True, "trainer": {}})),
+                     ("trainable", cfg)):
             r = res[k]
+            model_f, hw_f = flops_per_token(c)
             if "mean" in r:
                 r["tok_s"] = tokens_per_step / r["mean"]
                 r["mfu"] = model_f * n_matmul * r["tok_s"] / flops
                 r["hfu"] = hw_f * n_matmul * r["tok_s"] / flops
-        res["flops"] = (n_matmul, model_f, hw_f, flops_src)
+        res["flops"] = (n_matmul, flops_src)
         if mb * ga != E:
             notes.append(f"planner changed the effective batch: {mb} x {ga} != {E}")
     except Exception as e:  # noqa: BLE001
@@ -885,7 +904,7 @@ def combined_rows(case, res) -> list[str]:
 
 def planner_report(results, a) -> str:
     date, machine, versions, shape, title = header(a, "Planner micro-batch vs bare TRL batch 1")
-    flops_src = next((r["flops"][3] for r in results.values() if "flops" in r), "n/a")
+    flops_src = next((r["flops"][1] for r in results.values() if "flops" in r), "n/a")
     lines = [
         title,
         f"`{command_line()}` — {shape}, seq {a.seq}, effective batch {a.effective_batch}: bare TRL at micro-batch 1 x "
@@ -893,8 +912,11 @@ def planner_report(results, a) -> str:
         f"trainables.memory.plan_micro_batch for the budget shown; {a.steps} timed steps each after {a.warmup} "
         f"warmup. tokens/s = processed tokens (SFT: seq per sequence; DPO: chosen + rejected) / s. FLOPs per "
         f"processed token, N = matmul weights incl. lm_head: MFU SFT 4N (2N fwd + 2N bwd input-grads, frozen base), "
-        f"DPO 6N (+2N reference fwd); HFU adds 2N for the checkpointing recompute; attention scores and LoRA left "
-        f"out. Peak: {flops_src}. {versions}; host {platform.node()}. Target: speedup >= {TARGET_SPEEDUP}.\n",
+        f"DPO 6N (+2N reference fwd, unless precomputed before training); HFU adds 2N for the checkpointing recompute; "
+        f"attention scores and LoRA left "
+        f"out. Peak: {flops_src}. {versions}; host {platform.node()}. Target: speedup >= {TARGET_SPEEDUP}."
+        + (f" **The trainable's config changed: {', '.join(a.trainable_set)}** (bare TRL as above)."
+           if a.trainable_set else "") + "\n",
         "| case | bare mb x acc | bare s/step | bare tok/s | planner mb x acc (budget GiB) | trainable s/step | "
         f"trainable tok/s | speedup (>= {TARGET_SPEEDUP}) | bare MFU / HFU | trainable MFU / HFU | bare peak GiB | "
         "trainable peak GiB | planner estimate GiB | estimate error % |",
@@ -963,6 +985,10 @@ def main():
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; --tiny 64)")
     ap.add_argument("--micro-batch", type=int, default=1, help="micro-batch of both sides (not --planner)")
     ap.add_argument("--grad-accum", type=int, default=1, help="accumulation of both sides (not --planner)")
+    ap.add_argument("--trainable-set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="--planner: change the trainable's TrialConfig (e.g. gradient_checkpointing=false, "
+                         "trainer.precompute_ref_log_probs=true), planned with the change; bare TRL stays as is. "
+                         "The report's header names the changes")
     ap.add_argument("--effective-batch", type=int, default=8, help="--planner: sequences (pairs) per step")
     ap.add_argument("--budget-gib", type=float, default=None,
                     help="--planner: memory budget for the planner (default: the GPU's total memory, as a trial "
@@ -988,6 +1014,8 @@ def main():
     if a.cases is None:
         a.cases = ([c.replace("bf16", "fp32") for c in PLANNER_CASES] if a.tiny else PLANNER_CASES) if a.planner \
             else ([f"{m}-fp32" for m in METHODS] if a.tiny else GPU_CASES)
+    if a.trainable_set and not a.planner:
+        ap.error("--trainable-set applies to --planner: the side-by-side comparison is at identical settings")
     if a.planner and a.swap:
         ap.error("--swap applies to the side-by-side comparison; --planner runs its sides one after the other")
     if a.planner and a.shape != "llama3-8b":

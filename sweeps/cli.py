@@ -9,7 +9,7 @@ import yaml
 
 from sweeps import profiles
 from sweeps.runner import SweepResult, run_sweep
-from sweeps.spec import Spec, SpecError
+from sweeps.spec import Spec, SpecError, layered
 from trainables import tracking
 
 
@@ -37,16 +37,23 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def apply_overrides(spec: Spec, overrides: list[str]) -> None:
+def parse_overrides(overrides: list[str]) -> dict:
+    """`--set FIELD=VALUE` items as a nested dict (eval.n_generate=4 -> {"eval": {"n_generate": 4}}), YAML-typed."""
+    out: dict = {}
     for item in overrides:
         if "=" not in item:
             raise SpecError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set max_steps=20")
         field, value = item.split("=", 1)
-        target = spec.overrides
+        target = out
         *parents, leaf = field.split(".")
         for name in parents:  # nested fields such as eval.n_generate or grit.damping
             target = target.setdefault(name, {})
         target[leaf] = yaml.safe_load(value)
+    return out
+
+
+def apply_overrides(spec: Spec, overrides: list[str]) -> None:
+    spec.overrides = layered(spec.overrides, parse_overrides(overrides))
 
 
 def main(spec_for_profile, description: str, criteria: str | None = None, argv=None) -> SweepResult | None:

@@ -133,13 +133,13 @@ def _validate_precision(cfg: TrialConfig, where: str, cuda: bool) -> None:
         )
 
 
-def _layered(*layers: dict) -> dict:
+def layered(*layers: dict) -> dict:
     """Later layers win, field by field inside nested sections too: `--set eval.n_generate=4` keeps the profile's
     other eval settings, and a spec's `trainer` knob keeps the profile's."""
     out: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
-            out[key] = _layered(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            out[key] = layered(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
                 else value
     return out
 
@@ -160,12 +160,12 @@ def expand(spec: Spec, profile_overrides: dict[str, Any] | None = None, *, cuda:
         name = str(variant.pop("name", ""))
         for point in itertools.product(*(spec.grid[a] for a in axes)):
             for seed in spec.seeds:
-                raw = _layered(profile_overrides, spec.base, dict(zip(axes, point)), variant)
+                raw = layered(profile_overrides, spec.base, dict(zip(axes, point)), variant)
                 where = f"variant {name!r}" if name else "spec"
                 try:
                     if step_scale != 1.0:  # scale the study's lengths, never an explicit override
                         raw = _scale_steps(raw, step_scale)
-                    cfg = TrialConfig(**_layered(raw, spec.overrides, {"seed": seed, "study": spec.study}))
+                    cfg = TrialConfig(**layered(raw, spec.overrides, {"seed": seed, "study": spec.study}))
                 except ValidationError as e:
                     raise SpecError(_explain(e, where)) from None
                 except (TypeError, ValueError) as e:

@@ -465,3 +465,26 @@ def test_step1_profiles_finds_what_one_group_spends_more_on(tmp_path, capsys):
     assert frame == "t.py:wait:2" and float(a_s) == pytest.approx(0.010) and float(delta) == pytest.approx(0.040)
     with pytest.raises(SystemExit, match="no step-1 samples"):
         step1_profiles.load(str(tmp_path), cold=False)
+
+
+def test_memory_peak_replays_to_the_largest_live_total_and_names_who_allocated():
+    import memory_peak
+
+    ours = [{"filename": "/x/lib/python3.11/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},
+            {"filename": "/x/lib/python3.11/site-packages/trl/trainer/sft_trainer.py", "line": 7, "name": "loss"}]
+    other = [{"filename": "/x/site-packages/peft/tuners/lora/layer.py", "line": 3, "name": "forward"}]
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": ours},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": other},
+        {"action": "free_requested", "addr": 2, "size": 50},   # not yet free: the peak counts it
+        {"action": "alloc", "addr": 3, "size": 30, "frames": other},
+        {"action": "free_completed", "addr": 2, "size": 50},
+        {"action": "free_completed", "addr": 9, "size": 70},   # allocated before recording: ignored
+        {"action": "alloc", "addr": 4, "size": 60, "frames": ours},  # 100 + 30 + 60: the new peak
+        {"action": "free_completed", "addr": 4, "size": 60},
+    ]
+    peak, blocks = memory_peak.live_at_peak(trace)
+    assert peak == 190 and sorted(blocks) == [1, 3, 4]
+    rows = memory_peak.by_owner(blocks)
+    assert rows[0] == ("trl/trainer/sft_trainer.py:7 loss", 160, 2)
+    assert rows[1] == ("peft/tuners/lora/layer.py:3 forward", 30, 1)
