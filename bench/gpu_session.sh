@@ -54,6 +54,17 @@ step planner-dpo-precompute 600 python bench/trainable_vs_trl.py --planner --cas
                      --trainable-set trainer.precompute_ref_log_probs=true
 step planner-dpo-nockpt 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD" \
                      --trainable-set gradient_checkpointing=false
+# Without checkpointing the 8B step is ~17% faster at micro-batch 4 (2026-11-24 09:35: 2.28 s against 2.74 s at
+# micro-batch 8 with it), but the planner's ALLOCATOR_SLACK (1.5 x the transient part, from SmolLM2 packed) rules it
+# out on 80 GB. What the caching allocator reserves beyond the allocated peak on the 8B shape, lengths varied, with
+# and without expandable segments; then SFT's planner comparison without checkpointing (budget raised past it).
+step slack-8b 900 bash -c 'python bench/trainable_vs_trl.py --checkpoint-only &&
+  for conf in "" expandable_segments:True; do PYTORCH_CUDA_ALLOC_CONF=$conf python bench/memory_peak.py \
+    --shape llama3-8b --cases dpo-bf16 --varied --set micro_batch=4 --set gradient_checkpointing=false --steps 12 \
+    --top 8; done &&
+  python bench/memory_peak.py --shape llama3-8b --cases dpo-bf16 --varied --set micro_batch=8 --steps 8 --top 8'
+step planner-sft-nockpt 600 python bench/trainable_vs_trl.py --planner --cases sft-bf16 --bench-file "$ADD" \
+                     --budget-gib 160 --trainable-set gradient_checkpointing=false
 # The per-GPU and packed sweeps with the lasting thread, step 1 stack-sampled (compare with the midday samples).
 step packing    1500 python bench/packing.py --mode ${PACKING_MODES:-per-gpu packed} --gpus ${PACKING_GPUS:-1} --seeds 1 \
                      --packed-seeds 3 --results "$RESULTS/packing.jsonl" --profile-step1 "$RESULTS/prof" \

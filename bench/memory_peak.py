@@ -7,14 +7,18 @@ recording Python stacks, replays the history to the moment of the largest alloca
 live then by the first frame outside torch (the code that asked for them). GPU only.
 
     python bench/memory_peak.py --shape smollm2 --cases sft-nf4 sft-bf16     # ~1 min on an H100
+    python bench/memory_peak.py --shape llama3-8b --cases dpo-bf16 --varied --set micro_batch=4 \
+        --set gradient_checkpointing=false --steps 12 --top 0                # reserved vs allocated, 8B
 
-Prints, per case: the measured peak (torch.cuda.max_memory_allocated), the replayed peak, the planner's estimate
+Prints, per case: the measured peak (torch.cuda.max_memory_allocated) and the reserved peak (what the caching
+allocator holds: the planner's ALLOCATOR_SLACK covers the difference), the replayed peak, the planner's estimate
 and parts, and the live blocks at the peak by frame (MiB, count).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -63,18 +67,30 @@ def by_owner(blocks: dict[int, dict]) -> list[tuple[str, int, int]]:
     return [(k, sizes[k], counts[k]) for k, _ in sizes.most_common()]
 
 
+def varied_data(method, ckpt, seq: int, rows: int):
+    """bench/trainable_vs_trl.py's exact-length rows at 8 lengths from seq/2 to seq, shuffled: a real dataset's
+    spread of batch shapes, which is what leaves the caching allocator's blocks cut for other sizes."""
+    from datasets import concatenate_datasets
+    from trainable_vs_trl import data_for
+
+    lengths = [seq // 2 + k * (seq // 2) // 7 // 8 * 8 for k in range(8)]
+    return concatenate_datasets([data_for(method, ckpt, n, rows // 8 + 1) for n in lengths]).shuffle(seed=0)
+
+
 def run_case(case: str, a) -> None:
     import torch
-    from trainable_vs_trl import checkpoint, data_for, shape_of, trial_config
+    from trainable_vs_trl import checkpoint, data_for, shape_of, trial_config, with_trainable_set
     from trainables import memory
     from trainables.trial import free_memory, prepare
 
     method, precision = case.split("-")
     model_name, ckpt = checkpoint(a)
-    cfg = trial_config(method, precision, model_name, a.seq, a.micro_batch, 1, a.steps)
-    ds = data_for(method, ckpt, a.seq, a.steps * a.micro_batch + 8)
+    cfg = with_trainable_set(trial_config(method, precision, model_name, a.seq, a.micro_batch, 1, a.steps), a.set)
+    rows = a.steps * cfg.micro_batch + 8
+    ds = varied_data(method, ckpt, a.seq, rows) if a.varied else data_for(method, ckpt, a.seq, rows)
     est = memory.estimate_peak(cfg, shape_of(model_name, ckpt), seq_len=a.seq)
     free_memory()
+    base = torch.cuda.memory_allocated()  # what an earlier case left: not this one's
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(max_entries=1_000_000, context="all", stacks="python")
     try:
@@ -83,12 +99,19 @@ def run_case(case: str, a) -> None:
         snap = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    measured = torch.cuda.max_memory_allocated()
+    measured = torch.cuda.max_memory_allocated() - base
+    reserved = torch.cuda.max_memory_reserved()
     trace = [ev for dev in snap["device_traces"] for ev in dev]
     peak, blocks = live_at_peak(trace)
-    print(f"\n## {case} ({a.shape}, seq {a.seq}, micro-batch {a.micro_batch}, {a.steps} steps)")
-    print(f"measured peak {measured / MiB:.1f} MiB; replayed peak {peak / MiB:.1f} MiB ({len(blocks)} blocks); "
-          f"planner {est.total / MiB:.1f} MiB at '{est.moment}' ({100 * (est.total - measured) / measured:+.1f}%)")
+    print(f"\n## {case} ({a.shape}, seq {a.seq}{' varied' if a.varied else ''}, micro-batch {cfg.micro_batch}, "
+          f"checkpointing {cfg.gradient_checkpointing}, {a.steps} steps{', ' + ' '.join(a.set) if a.set else ''}; "
+          f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r})")
+    print(f"measured peak {measured / MiB:.1f} MiB allocated (less {base / MiB:.1f} MiB an earlier case left), "
+          f"{reserved / MiB:.1f} MiB reserved; replayed peak {peak / MiB:.1f} MiB ({len(blocks)} blocks); "
+          f"planner {est.total / MiB:.1f} MiB at '{est.moment}' ({100 * (est.total - measured) / measured:+.1f}%); "
+          f"reserved - allocated = {(reserved - measured - base) / MiB:.1f} MiB = "
+          f"{(reserved - measured - base) / max(est.transient, 1):.2f} x the planner's transient part "
+          f"(ALLOCATOR_SLACK {memory.ALLOCATOR_SLACK})")
     print("planner parts: " + ", ".join(f"{k} {v / MiB:.1f}" for k, v in est.parts.items()))
     print("| live at the peak, by the frame that allocated it | MiB | blocks |\n|---|---|---|")
     for k, size, n in by_owner(blocks)[: a.top]:
@@ -105,6 +128,9 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=25, help="rows of the by-frame table")
+    ap.add_argument("--varied", action="store_true", help="rows of 8 lengths from seq/2 to seq, not all seq")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="change the trial's config, e.g. gradient_checkpointing=false, micro_batch=4")
     ap.add_argument("--ckpt-dir", default=None, help="as bench/trainable_vs_trl.py (8B random checkpoint)")
     a = ap.parse_args()
     a.tiny = False
