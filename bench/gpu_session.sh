@@ -46,9 +46,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 step ray-thread-probe 300 python bench/ray_thread_probe.py
 # The planner's estimate is within 15% except SmolLM2 sft-nf4 (-12 to -18%, ~50 MiB): what is live at its peak.
 step memory-peak 300 python bench/memory_peak.py --shape smollm2 --cases sft-nf4 sft-bf16 cita-nf4
-# Open 3: DPO planner >= 3x bare batch 1 (1.74x on 2026-11-23, before the reference-pass change). Again, then
-# with the reference log-probs precomputed before training (TRL's precompute_ref_log_probs: the step without the
-# reference forward, what a sweep-wide cache would give), then without checkpointing (planned for it).
+# Open 3: DPO planner >= 3x bare batch 1: 1.76x with checkpointing at micro-batch 8 (2026-11-24 late morning);
+# 2.23x without it at micro-batch 2, 2.67-3.48x with the reference log-probs precomputed as well. The planner now
+# turns checkpointing off for bf16 where that fits and is faster: its own choice against the checkpointed plan,
+# back to back on one VM (sft and dpo). Then the levers measured that session, for the record.
+step planner-choice 900 bash -c 'for c in on auto; do python bench/trainable_vs_trl.py --planner --checkpointing $c \
+                     --bench-file '"$ADD"'; done'
 step planner-dpo 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD"
 step planner-dpo-precompute 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD" \
                      --trainable-set trainer.precompute_ref_log_probs=true

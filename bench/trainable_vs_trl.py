@@ -75,7 +75,7 @@ Planner estimate = trainables.memory.estimate_peak(cfg, shape, seq_len=--seq) fo
 (estimate - trainable peak) / trainable peak (target within +-15%).
 
 --planner (8B shape, sft-bf16 and dpo-bf16): bare TRL at micro-batch 1 x accumulation --effective-batch (8), then
-(after freeing it: the planner must see the whole GPU) the trainable at trainables.memory.plan_micro_batch(cfg,
+(after freeing it: the planner must see the whole GPU) the trainable at trainables.memory.plan(cfg, (micro-batch, checkpointing)
 shape, budget), budget = the GPU's total memory, as trainables.trial._planned gives a trial with the whole GPU
 (--budget-gib overrides), same effective batch. Reported: tokens/s each (processed tokens: SFT seq per sequence,
 DPO chosen + rejected), speedup = trainable / bare tokens/s (target >= 3), and FLOPs utilization:
@@ -734,11 +734,19 @@ def run_planner_case(case, env, a) -> dict:
         elif torch.cuda.is_available():  # what trainables.trial._planned gives a trial holding the whole GPU
             budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         else:
-            budget = 2 * 2**30
-        mb, ga, est = memory.plan_micro_batch(base_cfg, shape, budget)
-        res["plan"] = (mb, ga, est.gib, budget / 2**30)
-        log(f"{case}: planner: micro_batch {mb} x grad_accum {ga} (estimate {est.gib:.2f} GiB, moment "
-            f"{getattr(est, 'moment', '?')}) for a {budget / 2**30:.1f} GiB budget")
+            budget = 4 * 2**30
+        planned = memory.plan(base_cfg, shape, budget)
+        if a.checkpointing != "auto":  # the planner's best plan at the setting asked for
+            wanted = a.checkpointing == "on"
+            planned = next((p for p in memory.plan_options(base_cfg, shape, budget)
+                            if p.gradient_checkpointing == wanted), None)
+            if planned is None:
+                raise ValueError(f"no plan with checkpointing {a.checkpointing} within {budget / 2**30:.1f} GiB (the "
+                                 f"planner turns it off for {', '.join(memory.PLANS_CHECKPOINTING)} only)")
+        mb, ga, est = planned.micro_batch, planned.grad_accum, planned.estimate
+        res["plan"] = (mb, ga, est.gib, budget / 2**30, planned.gradient_checkpointing)
+        log(f"{case}: planner: {planned.describe()} (estimate {est.gib:.2f} GiB, moment {est.moment}) for a "
+            f"{budget / 2**30:.1f} GiB budget")
         ds = data_for(method, env.ckpt, a.seq, steps_total * E + 8)
         # bare TRL, batch 1 x E, alone on the GPU
         free_memory()
@@ -753,7 +761,8 @@ def run_planner_case(case, env, a) -> dict:
         side.trainer = None
         free_memory()
         # the trainable at the planner's micro-batch, alone
-        cfg = base_cfg.model_copy(update={"micro_batch": mb, "grad_accum": ga})
+        cfg = base_cfg.model_copy(update={"micro_batch": mb, "grad_accum": ga,
+                                          "gradient_checkpointing": planned.gradient_checkpointing})
         m0, t0 = allocated(), time.perf_counter()
         trainer, logger, run_id = build_trainable(cfg, ds, env)
         notes.append(f"trainable built in {time.perf_counter() - t0:.1f} s (model load, adapter, trainer; with "
@@ -909,14 +918,16 @@ def planner_report(results, a) -> str:
         title,
         f"`{command_line()}` — {shape}, seq {a.seq}, effective batch {a.effective_batch}: bare TRL at micro-batch 1 x "
         f"{a.effective_batch}, then (sequentially, the bare trainer freed) the trainable at "
-        f"trainables.memory.plan_micro_batch for the budget shown; {a.steps} timed steps each after {a.warmup} "
+        f"trainables.memory.plan (micro-batch and checkpointing) for the budget shown; {a.steps} timed steps each after {a.warmup} "
         f"warmup. tokens/s = processed tokens (SFT: seq per sequence; DPO: chosen + rejected) / s. FLOPs per "
         f"processed token, N = matmul weights incl. lm_head: MFU SFT 4N (2N fwd + 2N bwd input-grads, frozen base), "
         f"DPO 6N (+2N reference fwd, unless precomputed before training); HFU adds 2N for the checkpointing recompute; "
         f"attention scores and LoRA left "
         f"out. Peak: {flops_src}. {versions}; host {platform.node()}. Target: speedup >= {TARGET_SPEEDUP}."
         + (f" **The trainable's config changed: {', '.join(a.trainable_set)}** (bare TRL as above)."
-           if a.trainable_set else "") + "\n",
+           if a.trainable_set else "")
+        + (f" **Checkpointing forced {a.checkpointing}** (the planner's best plan with it)."
+           if a.checkpointing != "auto" else "") + "\n",
         "| case | bare mb x acc | bare s/step | bare tok/s | planner mb x acc (budget GiB) | trainable s/step | "
         f"trainable tok/s | speedup (>= {TARGET_SPEEDUP}) | bare MFU / HFU | trainable MFU / HFU | bare peak GiB | "
         "trainable peak GiB | planner estimate GiB | estimate error % |",
@@ -929,7 +940,7 @@ def planner_report(results, a) -> str:
             notes.append(f"- {case}: {n}")
         b, t = res.get("bare", {}), res.get("trainable", {})
         plan = res.get("plan")
-        plan_s = f"{plan[0]} x {plan[1]} ({plan[3]:.0f})" if plan else "-"
+        plan_s = f"{plan[0]} x {plan[1]}{'' if plan[4] else ', no ckpt'} ({plan[3]:.0f})" if plan else "-"
         if "mean" not in b or "mean" not in t:
             errs = [f"{k}: {r['error']}" for k, r in (("bare", b), ("trainable", t)) if r.get("error")]
             lines.append(f"| {case} | 1 x {a.effective_batch} | {fmt(b.get('mean'))} | | {plan_s} | "
@@ -985,6 +996,9 @@ def main():
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; --tiny 64)")
     ap.add_argument("--micro-batch", type=int, default=1, help="micro-batch of both sides (not --planner)")
     ap.add_argument("--grad-accum", type=int, default=1, help="accumulation of both sides (not --planner)")
+    ap.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
+                    help="--planner: the planner's choice (auto), or its best plan with gradient checkpointing on / "
+                         "off, to time the choice against the other")
     ap.add_argument("--trainable-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="--planner: change the trainable's TrialConfig (e.g. gradient_checkpointing=false, "
                          "trainer.precompute_ref_log_probs=true), planned with the change; bare TRL stays as is. "
@@ -992,7 +1006,7 @@ def main():
     ap.add_argument("--effective-batch", type=int, default=8, help="--planner: sequences (pairs) per step")
     ap.add_argument("--budget-gib", type=float, default=None,
                     help="--planner: memory budget for the planner (default: the GPU's total memory, as a trial "
-                         "with the whole GPU gets; 2 GiB on CPU)")
+                         "with the whole GPU gets; 4 GiB on CPU)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="--planner: peak dense bf16 TFLOP/s for MFU (default: from the GPU's name)")
     ap.add_argument("--ckpt-dir", default=os.environ.get("ALIGNSWEEP_BENCH_CKPT"),
@@ -1014,8 +1028,9 @@ def main():
     if a.cases is None:
         a.cases = ([c.replace("bf16", "fp32") for c in PLANNER_CASES] if a.tiny else PLANNER_CASES) if a.planner \
             else ([f"{m}-fp32" for m in METHODS] if a.tiny else GPU_CASES)
-    if a.trainable_set and not a.planner:
-        ap.error("--trainable-set applies to --planner: the side-by-side comparison is at identical settings")
+    if (a.trainable_set or a.checkpointing != "auto") and not a.planner:
+        ap.error("--trainable-set and --checkpointing apply to --planner: the side-by-side comparison is at "
+                 "identical settings")
     if a.planner and a.swap:
         ap.error("--swap applies to the side-by-side comparison; --planner runs its sides one after the other")
     if a.planner and a.shape != "llama3-8b":

@@ -382,6 +382,37 @@ def test_oom_at_micro_batch_one_fails_the_trial(runs, tiny_model, monkeypatch):
     assert "out of memory" in run.data.tags["error"] and "micro_batch=1" in run.data.tags["error"]
 
 
+def test_after_oom_turns_checkpointing_back_on_before_halving():
+    from trainables.trial import after_oom
+
+    cfg = TrialConfig(**tiny_trial(micro_batch=1, grad_accum=8, gradient_checkpointing=True))
+    planned = cfg.model_copy(update={"micro_batch": 4, "grad_accum": 2, "gradient_checkpointing": False})
+    steps = [planned]
+    while (following := after_oom(steps[-1], cfg)) is not None:
+        steps.append(following)
+    assert [(c.micro_batch, c.grad_accum, c.gradient_checkpointing) for c in steps] == [
+        (4, 2, False), (4, 2, True), (2, 4, True), (1, 8, True)]
+    unplanned = cfg.model_copy(update={"gradient_checkpointing": False})  # the trial's own False stays off
+    assert after_oom(unplanned.model_copy(update={"micro_batch": 2, "grad_accum": 4}), unplanned) \
+        .gradient_checkpointing is False
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "cita"])
+def test_checkpointing_changes_no_loss(method, tiny_model, tmp_path):
+    """What the planner relies on when it turns checkpointing off: the same losses with and without it."""
+    from trainables.trial import prepare
+
+    losses = []
+    for checkpointing in (True, False):
+        cfg = TrialConfig(**tiny_trial(method=method, micro_batch=2, grad_accum=1, max_steps=3,
+                                       gradient_checkpointing=checkpointing))
+        trainer, _, _ = prepare(cfg, str(tmp_path / str(checkpointing)))
+        assert trainer.args.gradient_checkpointing is checkpointing
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
+
+
 @pytest.mark.parametrize("method", ["sft", "dpo"])
 def test_accumulation_is_equivalent_to_a_bigger_micro_batch(method, tiny_model, tmp_path):
     """What the OOM retry and the memory planner rely on: micro-batch 4 x 1 trains like 2 x 2 and 1 x 4."""

@@ -1,4 +1,5 @@
-"""GPU memory planner: a trial's peak training memory, the micro-batch that fits a budget, the GPU fraction to pack.
+"""GPU memory planner: a trial's peak training memory, the micro-batch and checkpointing that fit a budget, the GPU
+fraction to pack.
 
 The estimate adds up the bytes of the tensors alive at the peak moment of one TRL 1.16 step (LoRA/GRIT on a
 Llama-family decoder), from the model's shape; it is not fitted to measurements (tests/fixtures holds those).
@@ -31,16 +32,23 @@ GiB = 2**30
 # --- headroom: what max_memory_allocated() does not see ---------------------------------------------------------
 CUDA_CONTEXT_BYTES = GiB // 2  # per process: CUDA context, cuBLAS/cuDNN handles and kernels
 # The caching allocator reserves more than it hands out: blocks cut for other shapes (sequence lengths vary per
-# batch; evaluation and generation use yet others) stay cached. Charged on the step's transient part only (weights
-# and optimizer state are allocated once). The one datum (BENCHMARKS.md, SmolLM2 sweep packed 4 per H100, training
-# and evaluation): 4.66 GiB per trial in nvidia-smi against a 1.88 GiB allocated peak of which ~0.32 GiB static,
-# i.e. the context + 1.5x the transient part. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would shrink it.
-ALLOCATOR_SLACK = 1.5
+# batch; evaluation and generation use yet others) stay cached. Measured as reserved (or nvidia-smi) minus the
+# allocated peak (BENCHMARKS.md):
+# - SmolLM2 sweep packed 4 per H100, training and evaluation: 2.28 GiB over a 1.88 GiB peak, of which ~1.56 GiB
+#   transient (nvidia-smi 4.66 GiB per trial, less the context);
+# - Llama-3-8B shape, lengths varied from 512 to 1024 (bench/memory_peak.py --varied, 2026-11-24): DPO with
+#   checkpointing at micro-batch 8, 1.38 GiB over 25.0 (0.16 x the 8.7 GiB transient part estimated); without it at
+#   micro-batch 4, 2.75 GiB over 73.1 (0.05 x 56.8 GiB).
+# A fixed part plus a fraction of the transient part covers all three; a multiple of the transient part alone
+# (1.5x, from the first datum) asked 158 GiB for the 8B step that ran in 77.7 GiB reserved.
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would shrink it (0.95 GiB in the second 8B case).
+ALLOCATOR_FIXED_BYTES = 2 * GiB
+ALLOCATOR_SLACK = 0.2
 
 
 def required_bytes(estimate: MemoryEstimate) -> int:
     """GPU memory a process needs for `estimate`: the allocated peak plus context and allocator headroom."""
-    return estimate.total + CUDA_CONTEXT_BYTES + math.ceil(ALLOCATOR_SLACK * estimate.transient)
+    return estimate.total + CUDA_CONTEXT_BYTES + ALLOCATOR_FIXED_BYTES + math.ceil(ALLOCATOR_SLACK * estimate.transient)
 
 
 # --- the model -------------------------------------------------------------------------------------------------
@@ -304,16 +312,70 @@ def trial_peak(cfg: TrialConfig, shape: ModelShape) -> MemoryEstimate:
 
 
 # --- planning --------------------------------------------------------------------------------------------------
-def plan_micro_batch(cfg: TrialConfig, shape: ModelShape, budget_bytes: int,
-                     max_micro_batch: int | None = None) -> tuple[int, int, MemoryEstimate]:
-    """Largest micro-batch dividing the effective batch (micro_batch x grad_accum, kept unchanged) whose training
-    estimate plus headroom fits `budget_bytes`. Returns (micro_batch, grad_accum, estimate)."""
+@dataclass(frozen=True)
+class Plan:
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    estimate: MemoryEstimate
+
+    def describe(self) -> str:
+        return (f"micro_batch={self.micro_batch} grad_accum={self.grad_accum} gradient_checkpointing="
+                f"{str(self.gradient_checkpointing).lower()}")
+
+
+# Below ~2k tokens per micro-batch an 8B step leaves an H100 under-used: the time per token is modelled as
+# (1 + SATURATION_TOKENS / tokens per micro-batch) x the FLOPs per token. Measured on the 8B shape (BENCHMARKS.md,
+# 2026-11-24, s per step of 8 sequences or pairs at seq 1024): DPO without checkpointing at micro-batch 2 (2.56 s)
+# and 4 (2.28) beat it with at micro-batch 8 (2.74), which beats without at 1 (3.00); SFT without at 4 (0.94)
+# and 8 (0.86) beat with at 8 (1.19), which beats without at 2 (1.35). Any value between 1638 and 2048 ranks all
+# of these right; a rough model, to choose between a few plans, not to predict times.
+SATURATION_TOKENS = 1800
+
+
+def relative_step_time(cfg: TrialConfig, micro_batch: int, gradient_checkpointing: bool) -> float:
+    """A step's time up to a constant factor, to rank plans of one trial: matmul FLOPs per token in units of the
+    weights (forward 2, input-grad backward 2, DPO/CITA's reference forward 2, the checkpointing recompute 2) times
+    the under-use of small micro-batches."""
+    flops = 4 + (2 if cfg.method != "sft" else 0) + (2 if gradient_checkpointing else 0)
+    tokens = micro_batch * cfg.max_length * (1 if cfg.method == "sft" else 2)
+    return flops * (1 + SATURATION_TOKENS / tokens)
+
+
+# Precisions whose estimate without checkpointing was checked on a GPU (8B bf16: -1% to +4%, BENCHMARKS.md
+# 2026-11-24). nf4/int8 keep the trial's checkpointing until theirs is: an estimate too low would surface as an
+# out-of-memory error when the longest batch comes, possibly late in the trial.
+PLANS_CHECKPOINTING = ("bf16",)
+
+
+def plan_options(cfg: TrialConfig, shape: ModelShape, budget_bytes: int,
+                 max_micro_batch: int | None = None) -> list[Plan]:
+    """For each checkpointing setting open to the trial, the largest micro-batch dividing its effective batch
+    (micro_batch x grad_accum, kept unchanged) whose estimate plus headroom fits `budget_bytes`. Checkpointing
+    changes memory and time, not the result, so a trial's True leaves both settings open (in PLANS_CHECKPOINTING
+    precisions); False leaves only False."""
     effective = cfg.micro_batch * cfg.grad_accum
     limit = effective if max_micro_batch is None else min(effective, max_micro_batch)
-    for mb in (d for d in range(limit, 0, -1) if effective % d == 0):
-        est = estimate_peak(cfg, shape, micro_batch=mb)
-        if required_bytes(est) <= budget_bytes:
-            return mb, effective // mb, est
+    if not cfg.gradient_checkpointing:
+        settings = (False,)
+    else:
+        settings = (True, False) if cfg.precision in PLANS_CHECKPOINTING else (True,)
+    options = []
+    for checkpointing in settings:
+        variant = cfg.model_copy(update={"gradient_checkpointing": checkpointing})
+        for mb in (d for d in range(limit, 0, -1) if effective % d == 0):
+            est = estimate_peak(variant, shape, micro_batch=mb)
+            if required_bytes(est) <= budget_bytes:
+                options.append(Plan(mb, effective // mb, checkpointing, est))
+                break
+    return options
+
+
+def plan(cfg: TrialConfig, shape: ModelShape, budget_bytes: int, max_micro_batch: int | None = None) -> Plan:
+    """The fastest of `plan_options` by `relative_step_time` (ties keep checkpointing)."""
+    options = plan_options(cfg, shape, budget_bytes, max_micro_batch)
+    if options:
+        return min(options, key=lambda p: relative_step_time(cfg, p.micro_batch, p.gradient_checkpointing))
     est = estimate_peak(cfg, shape, micro_batch=1)
     raise ValueError(
         f"{cfg.model} ({cfg.precision}, {cfg.method}, max_length {cfg.max_length}) does not fit: micro_batch=1 "

@@ -2,7 +2,8 @@
 
 `run_trial` is what Ray Tune calls on a worker (through sweeps.runner); it is a plain function, so tests and
 notebooks can call it directly too. A trial whose training runs out of GPU memory is retried in the same
-MLflow run with half the micro-batch and twice the accumulation (same effective batch), down to micro-batch 1.
+MLflow run (`after_oom`): with checkpointing back on if the planner had turned it off, then with half the
+micro-batch and twice the accumulation (same effective batch), down to micro-batch 1.
 """
 from __future__ import annotations
 
@@ -190,9 +191,14 @@ def _freeze_once():
         _frozen = True
 
 
-def halve_micro_batch(cfg: TrialConfig) -> TrialConfig:
-    """Half the micro-batch, twice the accumulation: the same effective batch in less memory."""
-    return cfg.model_copy(update={"micro_batch": cfg.micro_batch // 2, "grad_accum": cfg.grad_accum * 2})
+def after_oom(attempt: TrialConfig, cfg: TrialConfig) -> TrialConfig | None:
+    """The next attempt after running out of memory, at the same effective batch, or None when nothing is left:
+    checkpointing back on where the planner had turned it off, else half the micro-batch, twice the accumulation."""
+    if cfg.gradient_checkpointing and not attempt.gradient_checkpointing:
+        return attempt.model_copy(update={"gradient_checkpointing": True})
+    if attempt.micro_batch == 1:
+        return None
+    return attempt.model_copy(update={"micro_batch": attempt.micro_batch // 2, "grad_accum": attempt.grad_accum * 2})
 
 
 def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, parent_run_id: str | None = None,
@@ -202,7 +208,8 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     """Run one trial, filed as an MLflow child run. A failure is recorded on the run, then re-raised.
 
     gpu_share: the fraction of the GPU this trial was given (Ray's fractional GPU). plan_micro_batch: train at the
-    largest micro-batch the memory planner says fits that share, at the same effective batch. pad_to_multiple_of:
+    micro-batch and checkpointing the memory planner picks for that share (`memory.plan`), at the same effective
+    batch. pad_to_multiple_of:
     pad batches to a multiple of this many tokens unless the config's trainer knobs say (fewer shapes for cuDNN's
     attention graphs; the loss is the same). Both change how the trial runs, not its key. callbacks: more
     transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
@@ -236,7 +243,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
 
 def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, pad_to_multiple_of,
                   callbacks) -> dict:
-    """The trial's attempts: OOM in training retries at half the micro-batch, twice the accumulation."""
+    """The trial's attempts: OOM in training retries as `after_oom` says."""
     attempt, retries = cfg, 0
     try:
         if pad_to_multiple_of and "pad_to_multiple_of" not in cfg.trainer:
@@ -246,23 +253,26 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
             attempt = _planned(attempt, gpu_share, client, run_id)
         while True:
             tracking.set_tags(client, run_id, {"exec_micro_batch": attempt.micro_batch,
-                                               "exec_grad_accum": attempt.grad_accum})
+                                               "exec_grad_accum": attempt.grad_accum,
+                                               "exec_gradient_checkpointing": attempt.gradient_checkpointing})
             try:
                 metrics = _attempt(attempt, client, run_id, report, started, {"sys/oom_retries": retries},
                                    callbacks)
                 break
             except TrainingOOM as err:
-                if attempt.micro_batch == 1:
+                following = after_oom(attempt, cfg)
+                if following is None:
                     raise
                 message = str(err)
             # out of the except block: the traceback (and the model it holds) is gone, so memory can be freed
             free_memory()
             retries += 1
-            attempt = halve_micro_batch(attempt)
-            tracking.set_tags(client, run_id, {"oom_retries": retries, f"oom_retry_{retries}":
-                              f"-> micro_batch={attempt.micro_batch} grad_accum={attempt.grad_accum} after {message}"})
-            print(f"{label}: out of GPU memory; retrying with micro_batch={attempt.micro_batch} "
-                  f"grad_accum={attempt.grad_accum}", flush=True)
+            attempt = following
+            change = (f"micro_batch={attempt.micro_batch} grad_accum={attempt.grad_accum} gradient_checkpointing="
+                      f"{str(attempt.gradient_checkpointing).lower()}")
+            tracking.set_tags(client, run_id, {"oom_retries": retries,
+                                               f"oom_retry_{retries}": f"-> {change} after {message}"})
+            print(f"{label}: out of GPU memory; retrying with {change}", flush=True)
     except BaseException as err:
         tracking.fail_trial_run(client, run_id, err)
         raise
@@ -272,14 +282,15 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
 
 
 def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> TrialConfig:
-    """The config at the memory planner's micro-batch for this trial's share of the GPU."""
+    """The config at the memory planner's micro-batch and checkpointing for this trial's share of the GPU."""
     from trainables import memory
 
     budget = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * gpu_share)
-    micro_batch, grad_accum, estimate = memory.plan_micro_batch(cfg, memory.model_shape(cfg.model), budget)
-    client.set_tag(run_id, "memory_plan", f"micro_batch={micro_batch} grad_accum={grad_accum}: estimated peak "
-                   f"{estimate.gib:.1f} GiB of a {budget / 2**30:.1f} GiB share")
-    return cfg.model_copy(update={"micro_batch": micro_batch, "grad_accum": grad_accum})
+    p = memory.plan(cfg, memory.model_shape(cfg.model), budget)
+    client.set_tag(run_id, "memory_plan", f"{p.describe()}: estimated peak {p.estimate.gib:.1f} GiB of a "
+                   f"{budget / 2**30:.1f} GiB share")
+    return cfg.model_copy(update={"micro_batch": p.micro_batch, "grad_accum": p.grad_accum,
+                                  "gradient_checkpointing": p.gradient_checkpointing})
 
 
 def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extra: dict,
