@@ -58,8 +58,8 @@ step planner-dpo-precompute 600 python bench/trainable_vs_trl.py --planner --cas
 step planner-dpo-nockpt 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD" \
                      --trainable-set gradient_checkpointing=false
 # Without checkpointing the 8B step is ~17% faster at micro-batch 4 (2026-11-24 09:35: 2.28 s against 2.74 s at
-# micro-batch 8 with it), but the planner's ALLOCATOR_SLACK (1.5 x the transient part, from SmolLM2 packed) rules it
-# out on 80 GB. What the caching allocator reserves beyond the allocated peak on the 8B shape, lengths varied, with
+# micro-batch 8 with it), but the planner's headroom of the time (1.5 x the transient part, from SmolLM2 packed) ruled
+# it out on 80 GB (since: the smaller of that and 2 GiB + 0.2 x). What the caching allocator reserves beyond the allocated peak on the 8B shape, lengths varied, with
 # and without expandable segments; then SFT's planner comparison without checkpointing (budget raised past it).
 step slack-8b 900 bash -c 'python bench/trainable_vs_trl.py --checkpoint-only &&
   for conf in "" expandable_segments:True; do PYTORCH_CUDA_ALLOC_CONF=$conf python bench/memory_peak.py \

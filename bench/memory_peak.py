@@ -11,7 +11,7 @@ live then by the first frame outside torch (the code that asked for them). GPU o
         --set gradient_checkpointing=false --steps 12 --top 0                # reserved vs allocated, 8B
 
 Prints, per case: the measured peak (torch.cuda.max_memory_allocated) and the reserved peak (what the caching
-allocator holds: the planner's ALLOCATOR_SLACK covers the difference), the replayed peak, the planner's estimate
+allocator holds: the planner's allocator headroom covers the difference), the replayed peak, the planner's estimate
 and parts, and the live blocks at the peak by frame (MiB, count).
 """
 from __future__ import annotations
@@ -110,8 +110,8 @@ def run_case(case: str, a) -> None:
           f"{reserved / MiB:.1f} MiB reserved; replayed peak {peak / MiB:.1f} MiB ({len(blocks)} blocks); "
           f"planner {est.total / MiB:.1f} MiB at '{est.moment}' ({100 * (est.total - measured) / measured:+.1f}%); "
           f"reserved - allocated = {(reserved - measured - base) / MiB:.1f} MiB = "
-          f"{(reserved - measured - base) / max(est.transient, 1):.2f} x the planner's transient part "
-          f"(ALLOCATOR_SLACK {memory.ALLOCATOR_SLACK})")
+          f"{(reserved - measured - base) / max(est.transient, 1):.2f} x the planner's transient part; the "
+          f"planner's allocator headroom {memory.allocator_headroom(est) / MiB:.1f} MiB")
     print("planner parts: " + ", ".join(f"{k} {v / MiB:.1f}" for k, v in est.parts.items()))
     print("| live at the peak, by the frame that allocated it | MiB | blocks |\n|---|---|---|")
     for k, size, n in by_owner(blocks)[: a.top]:

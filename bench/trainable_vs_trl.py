@@ -706,13 +706,6 @@ def peak_flops(a) -> tuple[float, str]:
     return float("nan"), f"{name}: unknown peak (pass --peak-tflops)"
 
 
-def flops_per_token(cfg) -> tuple[int, int]:
-    """(model, hardware) FLOPs per processed token in units of N: forward 2N + input-grad backward 2N (frozen base),
-    + 2N reference forward for DPO/CITA unless precomputed; hardware adds 2N for the checkpointing recompute."""
-    model_f = 4 + (2 if cfg.method != "sft" and not cfg.trainer.get("precompute_ref_log_probs") else 0)
-    return model_f, model_f + (2 if cfg.gradient_checkpointing else 0)
-
-
 def run_planner_case(case, env, a) -> dict:
     """Bare TRL at micro-batch 1 x E, then the trainable at the planner's micro-batch (same E), one after the other."""
     import torch
@@ -745,7 +738,8 @@ def run_planner_case(case, env, a) -> dict:
                                  f"planner turns it off for {', '.join(memory.PLANS_CHECKPOINTING)} only)")
         mb, ga, est = planned.micro_batch, planned.grad_accum, planned.estimate
         res["plan"] = (mb, ga, est.gib, budget / 2**30, planned.gradient_checkpointing)
-        log(f"{case}: planner: {planned.describe()} (estimate {est.gib:.2f} GiB, moment {est.moment}) for a "
+        log(f"{case}: planner: micro_batch={mb} grad_accum={ga} gradient_checkpointing="
+            f"{str(planned.gradient_checkpointing).lower()} (estimate {est.gib:.2f} GiB, moment {est.moment}) for a "
             f"{budget / 2**30:.1f} GiB budget")
         ds = data_for(method, env.ckpt, a.seq, steps_total * E + 8)
         # bare TRL, batch 1 x E, alone on the GPU
@@ -780,7 +774,7 @@ def run_planner_case(case, env, a) -> dict:
         for k, c in (("bare", base_cfg.model_copy(update={"gradient_checkpointing": True, "trainer": {}})),
                      ("trainable", cfg)):
             r = res[k]
-            model_f, hw_f = flops_per_token(c)
+            model_f, hw_f = memory.flops_per_token(c)
             if "mean" in r:
                 r["tok_s"] = tokens_per_step / r["mean"]
                 r["mfu"] = model_f * n_matmul * r["tok_s"] / flops

@@ -1,5 +1,6 @@
 """The GPU memory planner against measured peaks (tests/fixtures/measured_peaks.csv) and its behaviour."""
 import csv
+import math
 import tempfile
 from pathlib import Path
 
@@ -204,33 +205,38 @@ def test_plan_keeps_effective_batch_and_picks_bigger_micro_batches_for_bigger_bu
                     assert memory.required_bytes(estimate_peak(ran, LLAMA8B, micro_batch=bigger[0])) > budget_gib * GiB
             largest.append(max(p.micro_batch for p in options if p.gradient_checkpointing == checkpointing))
         assert largest == sorted(largest) and largest[0] < largest[-1]
-    assert plan(cfg, LLAMA8B, 80 * GiB, max_micro_batch=5).micro_batch <= 4
+    capped = memory.plan_options(cfg, LLAMA8B, 80 * GiB, max_micro_batch=5)  # divisors of 24 up to 5: 4, 3, ...
+    assert [(p.micro_batch, p.grad_accum, p.gradient_checkpointing) for p in capped] == [(4, 6, True), (3, 8, False)]
 
 
-def test_plan_turns_checkpointing_off_only_where_it_fits_and_runs_faster():
+def test_plan_turns_checkpointing_off_only_where_it_fits_and_runs_clearly_faster():
     dpo = trial(method="dpo", precision="bf16", micro_batch=1, grad_accum=8)
-    for budget_gib in (40, 80):
-        options = memory.plan_options(dpo, LLAMA8B, budget_gib * GiB)
+    sft = dpo.model_copy(update={"method": "sft"})
+    expected = {  # (method, GPU GiB): (micro-batch, checkpointing)
+        ("dpo", 40): (8, True),    # without it only micro-batch 1 fits: slower
+        ("dpo", 80): (8, True),    # without it micro-batch 2 fits: predicted 3% faster, not enough
+        ("dpo", 141): (4, False),  # an H200: micro-batch 4 without it, predicted 18% faster (measured 17% on an H100)
+        ("sft", 80): (4, False),   # predicted 21% faster (measured 21%)
+    }
+    for (method, budget_gib), want in expected.items():
+        cfg = {"dpo": dpo, "sft": sft}[method]
+        options = memory.plan_options(cfg, LLAMA8B, budget_gib * GiB)
         assert sorted(p.gradient_checkpointing for p in options) == [False, True]
-        chosen = plan(dpo, LLAMA8B, budget_gib * GiB)
-        assert chosen in options and all(
-            memory.relative_step_time(dpo, chosen.micro_batch, chosen.gradient_checkpointing)
-            <= memory.relative_step_time(dpo, p.micro_batch, p.gradient_checkpointing) for p in options)
-        if budget_gib == 80:  # 8B DPO at seq 1024 on an 80 GB GPU: micro-batch 2 without it beats 8 with it
-            assert not chosen.gradient_checkpointing and chosen.micro_batch == 2
-        else:  # without it only micro-batch 1 fits: slower than checkpointed 8
-            assert chosen.gradient_checkpointing and chosen.micro_batch == 8
+        chosen = plan(cfg, LLAMA8B, budget_gib * GiB)
+        assert chosen in options and (chosen.micro_batch, chosen.gradient_checkpointing) == want, (method, budget_gib)
     # nf4's estimate without checkpointing is not yet checked on a GPU: its trials keep checkpointing
     assert [p.gradient_checkpointing for p in memory.plan_options(dpo.model_copy(update={"precision": "nf4"}),
                                                                   LLAMA8B, 80 * GiB)] == [True]
 
 
-@pytest.mark.parametrize("method, faster, slower", [  # measured on the 8B shape, H100, seq 1024 (BENCHMARKS.md)
-    ("dpo", (2, False), (8, True)), ("dpo", (4, False), (8, True)), ("dpo", (8, True), (1, False)),
-    ("sft", (4, False), (8, True)), ("sft", (8, False), (8, True)), ("sft", (8, True), (2, False))])
-def test_relative_step_time_ranks_the_measured_plans_as_measured(method, faster, slower):
+@pytest.mark.parametrize("method, micro_batch, measured", [  # 8B shape, H100, seq 1024 (BENCHMARKS.md 2026-11-24):
+    ("dpo", 4, 0.83), ("dpo", 1, 1.10), ("sft", 4, 0.79), ("sft", 8, 0.72), ("sft", 2, 1.14)])
+def test_checkpointing_goes_off_where_the_measured_step_was_clearly_faster_without_it(method, micro_batch, measured):
+    """Step time without checkpointing at `micro_batch` over with it at micro-batch 8, as measured: the model's
+    decision agrees wherever the measurement is clear (DPO at micro-batch 2, 0.93x across two VMs, is not)."""
     cfg = trial(method=method)
-    assert memory.relative_step_time(cfg, *faster) < memory.relative_step_time(cfg, *slower)
+    predicted = memory.relative_step_time(cfg, micro_batch, False) / memory.relative_step_time(cfg, 8, True)
+    assert (predicted <= 1 - memory.CHECKPOINTING_OFF_GAIN) == (measured <= 1 - memory.CHECKPOINTING_OFF_GAIN)
 
 
 def test_plan_raises_when_nothing_fits():
@@ -261,6 +267,24 @@ def test_headroom_is_context_plus_allocator_slack():
     est = estimate_peak(trial(), LLAMA8B)
     assert memory.required_bytes(est) - est.total >= memory.CUDA_CONTEXT_BYTES
     assert 0 < est.transient < est.total - est.parts["weights"]
+
+
+def test_allocator_headroom_covers_the_measured_reserved_overheads_and_keeps_small_trials_packing_as_before():
+    """Reserved minus allocated peak, measured (BENCHMARKS.md 2026-11-24), must be covered: the SmolLM2 trial packed
+    4 per H100 (2.28 GiB over a 1.56 GiB transient part) and the 8B DPO steps (2.75 GiB without checkpointing at
+    micro-batch 4, 1.38 GiB with it at 8). Small trials keep 1.5x their transient part: packing does not change."""
+    from trainables.memory import MemoryEstimate
+
+    smollm2 = MemoryEstimate(parts={}, total=int(1.88 * GiB), static=int(0.32 * GiB))
+    assert memory.allocator_headroom(smollm2) >= 2.28 * GiB
+    dpo = trial(method="dpo", micro_batch=8)
+    for cfg, measured in ((dpo.model_copy(update={"micro_batch": 4, "gradient_checkpointing": False}), 2.75),
+                          (dpo, 1.38)):
+        est = estimate_peak(cfg, LLAMA8B)
+        assert measured * GiB <= memory.allocator_headroom(est) < 1.5 * est.transient  # the new rule is the smaller
+    small = estimate_peak(trial(model="embedded:smollm2-135m-instruct", micro_batch=2, max_length=128,
+                                max_prompt_length=96), SMOLLM2)
+    assert memory.allocator_headroom(small) == math.ceil(1.5 * small.transient)
 
 
 def test_model_shape_of_tiny_model_matches_its_parameters(tiny_model):

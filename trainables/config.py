@@ -80,7 +80,7 @@ class TrialConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     lr_scheduler: str = "linear"
     optim: str = "adamw_torch"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = True  # True: cluster profiles' planner may turn it off (same loss, faster)
     beta: float = Field(0.1, gt=0)       # DPO and CITA temperature
     lambda_kl: float = Field(0.01, ge=0)  # CITA anchor weight
     cita_anchor: Literal["seq_kl", "none"] = "seq_kl"
@@ -94,6 +94,10 @@ class TrialConfig(_Strict):
     def _check(self):
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+        if "gradient_checkpointing" in self.trainer:  # the planner reads the field, not the trainer knob
+            raise ValueError("trainer.gradient_checkpointing: set the trial's `gradient_checkpointing` instead (the "
+                             "memory planner may turn it off where that fits and is faster, tagged "
+                             "exec_gradient_checkpointing)")
         seeds = sorted({"seed", "data_seed"} & set(self.trainer))
         if seeds:  # TRL seeds DPO/CITA's LoRA init with the trainer's seed: one seed for every method (pairing)
             raise ValueError(f"trainer.{seeds[0]}: set the trial's `seed` instead (it seeds the adapter, the data "

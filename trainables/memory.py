@@ -39,16 +39,24 @@ CUDA_CONTEXT_BYTES = GiB // 2  # per process: CUDA context, cuBLAS/cuDNN handles
 # - Llama-3-8B shape, lengths varied from 512 to 1024 (bench/memory_peak.py --varied, 2026-11-24): DPO with
 #   checkpointing at micro-batch 8, 1.38 GiB over 25.0 (0.16 x the 8.7 GiB transient part estimated); without it at
 #   micro-batch 4, 2.75 GiB over 73.1 (0.05 x 56.8 GiB).
-# A fixed part plus a fraction of the transient part covers all three; a multiple of the transient part alone
-# (1.5x, from the first datum) asked 158 GiB for the 8B step that ran in 77.7 GiB reserved.
-# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would shrink it (0.95 GiB in the second 8B case).
+# Two rules each cover all three: 1.5x the transient part (from the first datum), and 2 GiB + 0.2x it. The first
+# alone asked 158 GiB for the 8B step that ran in 75.9 GiB reserved; the second alone would halve how many small
+# trials pack on a 16-24 GB GPU, unmeasured. The headroom is the smaller of the two.
+# PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True would shrink it (0.93 GiB in the second 8B case).
+SMALL_TRIAL_SLACK = 1.5
 ALLOCATOR_FIXED_BYTES = 2 * GiB
 ALLOCATOR_SLACK = 0.2
 
 
 def required_bytes(estimate: MemoryEstimate) -> int:
     """GPU memory a process needs for `estimate`: the allocated peak plus context and allocator headroom."""
-    return estimate.total + CUDA_CONTEXT_BYTES + ALLOCATOR_FIXED_BYTES + math.ceil(ALLOCATOR_SLACK * estimate.transient)
+    return estimate.total + CUDA_CONTEXT_BYTES + allocator_headroom(estimate)
+
+
+def allocator_headroom(estimate: MemoryEstimate) -> int:
+    """What the caching allocator reserves beyond the allocated peak (see ALLOCATOR_SLACK)."""
+    t = estimate.transient
+    return math.ceil(min(SMALL_TRIAL_SLACK * t, ALLOCATOR_FIXED_BYTES + ALLOCATOR_SLACK * t))
 
 
 # --- the model -------------------------------------------------------------------------------------------------
@@ -319,27 +327,32 @@ class Plan:
     gradient_checkpointing: bool
     estimate: MemoryEstimate
 
-    def describe(self) -> str:
-        return (f"micro_batch={self.micro_batch} grad_accum={self.grad_accum} gradient_checkpointing="
-                f"{str(self.gradient_checkpointing).lower()}")
-
 
 # Below ~2k tokens per micro-batch an 8B step leaves an H100 under-used: the time per token is modelled as
 # (1 + SATURATION_TOKENS / tokens per micro-batch) x the FLOPs per token. Measured on the 8B shape (BENCHMARKS.md,
-# 2026-11-24, s per step of 8 sequences or pairs at seq 1024): DPO without checkpointing at micro-batch 2 (2.56 s)
-# and 4 (2.28) beat it with at micro-batch 8 (2.74), which beats without at 1 (3.00); SFT without at 4 (0.94)
-# and 8 (0.86) beat with at 8 (1.19), which beats without at 2 (1.35). Any value between 1638 and 2048 ranks all
-# of these right; a rough model, to choose between a few plans, not to predict times.
+# 2026-11-24, s per step of 8 sequences or pairs at seq 1024, H100), against checkpointing at micro-batch 8:
+# DPO without it at micro-batch 4 0.83x (same VM; the model says 0.82), at 1 1.10x (model 1.27); SFT without it at
+# 4 0.79x and at 8 0.72x (model 0.79, 0.67), at 2 1.14x (model 1.03). A rough model, to choose between a few plans,
+# not to predict times; so checkpointing goes off only for a clear predicted gain (CHECKPOINTING_OFF_GAIN): DPO
+# without it at micro-batch 2 read 0.93x, across two VMs that differed by more than that (model 0.97).
 SATURATION_TOKENS = 1800
+CHECKPOINTING_OFF_GAIN = 0.10
+
+
+def flops_per_token(cfg: TrialConfig, gradient_checkpointing: bool | None = None) -> tuple[int, int]:
+    """(model, hardware) matmul FLOPs per processed token in units of the weights: forward 2 + input-grad backward 2
+    (frozen base), + DPO/CITA's reference forward 2 unless precomputed (TRL's precompute_ref_log_probs); hardware
+    adds the checkpointing recompute 2."""
+    checkpointing = cfg.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    model = 4 + (2 if cfg.method != "sft" and not cfg.trainer.get("precompute_ref_log_probs") else 0)
+    return model, model + (2 if checkpointing else 0)
 
 
 def relative_step_time(cfg: TrialConfig, micro_batch: int, gradient_checkpointing: bool) -> float:
-    """A step's time up to a constant factor, to rank plans of one trial: matmul FLOPs per token in units of the
-    weights (forward 2, input-grad backward 2, DPO/CITA's reference forward 2, the checkpointing recompute 2) times
-    the under-use of small micro-batches."""
-    flops = 4 + (2 if cfg.method != "sft" else 0) + (2 if gradient_checkpointing else 0)
+    """A step's time up to a constant factor, to rank plans of one trial: hardware FLOPs per token times the
+    under-use of small micro-batches (sequences taken at max_length)."""
     tokens = micro_batch * cfg.max_length * (1 if cfg.method == "sft" else 2)
-    return flops * (1 + SATURATION_TOKENS / tokens)
+    return flops_per_token(cfg, gradient_checkpointing)[1] * (1 + SATURATION_TOKENS / tokens)
 
 
 # Precisions whose estimate without checkpointing was checked on a GPU (8B bf16: -1% to +4%, BENCHMARKS.md
@@ -372,10 +385,18 @@ def plan_options(cfg: TrialConfig, shape: ModelShape, budget_bytes: int,
 
 
 def plan(cfg: TrialConfig, shape: ModelShape, budget_bytes: int, max_micro_batch: int | None = None) -> Plan:
-    """The fastest of `plan_options` by `relative_step_time` (ties keep checkpointing)."""
-    options = plan_options(cfg, shape, budget_bytes, max_micro_batch)
+    """Of `plan_options`, the one with checkpointing unless the one without is predicted faster by at least
+    CHECKPOINTING_OFF_GAIN (`relative_step_time`) at no less than half its micro-batch, or is the only one that
+    fits. The half guards the model's weak side: it takes sequences at max_length, and real batches are shorter,
+    which under-uses small micro-batches more than it predicts."""
+    options = {p.gradient_checkpointing: p for p in plan_options(cfg, shape, budget_bytes, max_micro_batch)}
+    if True in options and False in options:
+        on, off = options[True], options[False]
+        faster = relative_step_time(cfg, off.micro_batch, False) <= \
+            (1 - CHECKPOINTING_OFF_GAIN) * relative_step_time(cfg, on.micro_batch, True)
+        return off if faster and 2 * off.micro_batch >= on.micro_batch else on
     if options:
-        return min(options, key=lambda p: relative_step_time(cfg, p.micro_batch, p.gradient_checkpointing))
+        return next(iter(options.values()))
     est = estimate_peak(cfg, shape, micro_batch=1)
     raise ValueError(
         f"{cfg.model} ({cfg.precision}, {cfg.method}, max_length {cfg.max_length}) does not fit: micro_batch=1 "

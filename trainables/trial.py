@@ -33,7 +33,7 @@ _this_thread = threading.local()  # .trials: trials this thread started (per-thr
 
 
 class TrainingOOM(RuntimeError):
-    """Training (not evaluation) ran out of GPU memory: a smaller micro-batch may fit."""
+    """Training (not evaluation) ran out of GPU memory: checkpointing or a smaller micro-batch may fit."""
 
 
 def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
@@ -159,7 +159,8 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
     try:
         trainer.train()
     except torch.OutOfMemoryError as err:
-        raise TrainingOOM(f"micro_batch={cfg.micro_batch}: {err}") from None
+        raise TrainingOOM(f"micro_batch={cfg.micro_batch} gradient_checkpointing="
+                          f"{str(cfg.gradient_checkpointing).lower()}: {err}") from None
     finally:
         steps.stop_probes()
     phases["time/train_s"] = time.perf_counter() - clock
@@ -191,11 +192,12 @@ def _freeze_once():
         _frozen = True
 
 
-def after_oom(attempt: TrialConfig, cfg: TrialConfig) -> TrialConfig | None:
+def after_oom(attempt: TrialConfig, checkpointed: TrialConfig | None) -> TrialConfig | None:
     """The next attempt after running out of memory, at the same effective batch, or None when nothing is left:
-    checkpointing back on where the planner had turned it off, else half the micro-batch, twice the accumulation."""
-    if cfg.gradient_checkpointing and not attempt.gradient_checkpointing:
-        return attempt.model_copy(update={"gradient_checkpointing": True})
+    the planner's checkpointed plan where it had turned checkpointing off (`checkpointed`), else half the
+    micro-batch, twice the accumulation."""
+    if checkpointed is not None and not attempt.gradient_checkpointing:
+        return checkpointed
     if attempt.micro_batch == 1:
         return None
     return attempt.model_copy(update={"micro_batch": attempt.micro_batch // 2, "grad_accum": attempt.grad_accum * 2})
@@ -244,23 +246,24 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
 def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, pad_to_multiple_of,
                   callbacks) -> dict:
     """The trial's attempts: OOM in training retries as `after_oom` says."""
-    attempt, retries = cfg, 0
+    attempt, checkpointed, retries = cfg, None, 0
     try:
         if pad_to_multiple_of and "pad_to_multiple_of" not in cfg.trainer:
             attempt = cfg.model_copy(update={"trainer": {**cfg.trainer, "pad_to_multiple_of": pad_to_multiple_of}})
             tracking.set_tags(client, run_id, {"exec_pad_to_multiple_of": pad_to_multiple_of})
-        if plan_micro_batch and torch.cuda.is_available():
-            attempt = _planned(attempt, gpu_share, client, run_id)
+        if plan_micro_batch:
+            attempt, checkpointed = _planned(attempt, gpu_share, client, run_id)
         while True:
             tracking.set_tags(client, run_id, {"exec_micro_batch": attempt.micro_batch,
                                                "exec_grad_accum": attempt.grad_accum,
-                                               "exec_gradient_checkpointing": attempt.gradient_checkpointing})
+                                               "exec_gradient_checkpointing": str(attempt.gradient_checkpointing)
+                                               .lower()})
             try:
                 metrics = _attempt(attempt, client, run_id, report, started, {"sys/oom_retries": retries},
                                    callbacks)
                 break
             except TrainingOOM as err:
-                following = after_oom(attempt, cfg)
+                following = after_oom(attempt, checkpointed)
                 if following is None:
                     raise
                 message = str(err)
@@ -268,8 +271,7 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
             free_memory()
             retries += 1
             attempt = following
-            change = (f"micro_batch={attempt.micro_batch} grad_accum={attempt.grad_accum} gradient_checkpointing="
-                      f"{str(attempt.gradient_checkpointing).lower()}")
+            change = plan_text(attempt)
             tracking.set_tags(client, run_id, {"oom_retries": retries,
                                                f"oom_retry_{retries}": f"-> {change} after {message}"})
             print(f"{label}: out of GPU memory; retrying with {change}", flush=True)
@@ -281,16 +283,31 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
     return metrics
 
 
-def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> TrialConfig:
-    """The config at the memory planner's micro-batch and checkpointing for this trial's share of the GPU."""
+def plan_text(cfg: TrialConfig) -> str:
+    return (f"micro_batch={cfg.micro_batch} grad_accum={cfg.grad_accum} gradient_checkpointing="
+            f"{str(cfg.gradient_checkpointing).lower()}")
+
+
+def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> tuple[TrialConfig, TrialConfig | None]:
+    """The config at the memory planner's micro-batch and checkpointing for this trial's share of the GPU, and,
+    where the plan turned checkpointing off, the planner's checkpointed plan (the fallback on OOM)."""
     from trainables import memory
 
+    if not torch.cuda.is_available():  # CPU trials train as configured
+        return cfg, None
     budget = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * gpu_share)
-    p = memory.plan(cfg, memory.model_shape(cfg.model), budget)
-    client.set_tag(run_id, "memory_plan", f"{p.describe()}: estimated peak {p.estimate.gib:.1f} GiB of a "
-                   f"{budget / 2**30:.1f} GiB share")
-    return cfg.model_copy(update={"micro_batch": p.micro_batch, "grad_accum": p.grad_accum,
-                                  "gradient_checkpointing": p.gradient_checkpointing})
+    chosen = memory.plan(cfg, memory.model_shape(cfg.model), budget)
+
+    def config(p):
+        return cfg.model_copy(update={"micro_batch": p.micro_batch, "grad_accum": p.grad_accum,
+                                      "gradient_checkpointing": p.gradient_checkpointing})
+
+    planned = config(chosen)
+    client.set_tag(run_id, "memory_plan", f"{plan_text(planned)}: estimated peak {chosen.estimate.gib:.1f} GiB "
+                   f"of a {budget / 2**30:.1f} GiB share")
+    fallback = next((p for p in memory.plan_options(cfg, memory.model_shape(cfg.model), budget)
+                     if p.gradient_checkpointing), None) if not chosen.gradient_checkpointing else None
+    return planned, (config(fallback) if fallback else None)
 
 
 def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extra: dict,
