@@ -330,9 +330,10 @@ def test_steps_logged_before_a_failure_reach_mlflow(runs, tiny_model, monkeypatc
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1]
 
 
-def _inject_oom(monkeypatch, method: str, largest_that_fits: int) -> list:
-    """Make training raise CUDA's OOM error whenever the micro-batch exceeds `largest_that_fits`; returns the
-    (micro_batch, grad_accum) of every trainer built."""
+def _inject_oom(monkeypatch, method: str, largest_that_fits: int, checkpointing_fits: bool = True) -> list:
+    """Make training raise CUDA's OOM error whenever the micro-batch exceeds `largest_that_fits` (or, unless
+    `checkpointing_fits`, whenever checkpointing is off); returns (micro_batch, grad_accum, checkpointing) of every
+    trainer built."""
     import torch
     from transformers import TrainerCallback
 
@@ -342,12 +343,14 @@ def _inject_oom(monkeypatch, method: str, largest_that_fits: int) -> list:
 
     class OutOfMemory(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            if args.per_device_train_batch_size > largest_that_fits:
+            if args.per_device_train_batch_size > largest_that_fits or not (
+                    checkpointing_fits or args.gradient_checkpointing):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
 
     def build(cfg, *args, **kwargs):
         trainer = real(cfg, *args, **kwargs)
-        built.append((trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps))
+        built.append((trainer.args.per_device_train_batch_size, trainer.args.gradient_accumulation_steps,
+                      trainer.args.gradient_checkpointing))
         trainer.add_callback(OutOfMemory())
         return trainer
 
@@ -360,7 +363,7 @@ def test_oom_retries_with_half_micro_batch_and_same_effective_batch(runs, tiny_m
     client = tracking.client(runs)
     exp = tracking.ensure_experiment(client, "t")
     metrics = run_trial(tiny_trial(micro_batch=4, grad_accum=1), "oom", runs, exp)
-    assert built == [(4, 1), (2, 2), (1, 4)]
+    assert built == [(4, 1, False), (2, 2, False), (1, 4, False)]
     (run,) = client.search_runs([exp])
     tags = run.data.tags
     assert run.info.status == "FINISHED" and tags["trial_status"] == "finished"
@@ -402,36 +405,21 @@ def test_a_planned_trial_that_runs_out_of_memory_without_checkpointing_retries_w
                                                                                        monkeypatch):
     """The planner (GPU only; stubbed here as it would answer on an 80 GB GPU) turned checkpointing off; the
     retry takes its checkpointed plan, and the tags say what ran while the params keep the config."""
-    import torch
-    from transformers import TrainerCallback
-
     from trainables import trial
 
-    real, built = trial.METHOD_TRAINERS["sft"], []
-
-    class OutOfMemoryWithoutCheckpointing(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if not args.gradient_checkpointing:
-                raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
-
-    def build(cfg, *args, **kwargs):
-        trainer = real(cfg, *args, **kwargs)
-        built.append((trainer.args.per_device_train_batch_size, trainer.args.gradient_checkpointing))
-        trainer.add_callback(OutOfMemoryWithoutCheckpointing())
-        return trainer
+    built = _inject_oom(monkeypatch, "sft", largest_that_fits=8, checkpointing_fits=False)
 
     def planned(cfg, gpu_share, client, run_id):
         client.set_tag(run_id, "memory_plan", "stub")
         return (cfg.model_copy(update={"micro_batch": 2, "grad_accum": 2, "gradient_checkpointing": False}),
                 cfg.model_copy(update={"micro_batch": 4, "grad_accum": 1, "gradient_checkpointing": True}))
 
-    monkeypatch.setitem(trial.METHOD_TRAINERS, "sft", build)
     monkeypatch.setattr(trial, "_planned", planned)
     client = tracking.client(runs)
     exp = tracking.ensure_experiment(client, "t")
     run_trial(tiny_trial(micro_batch=1, grad_accum=4, gradient_checkpointing=True), "planned", runs, exp,
               plan_micro_batch=True)
-    assert built == [(2, False), (4, True)]
+    assert built == [(2, 2, False), (4, 1, True)]
     (run,) = client.search_runs([exp])
     tags = run.data.tags
     assert run.info.status == "FINISHED" and tags["oom_retries"] == "1"
