@@ -140,7 +140,9 @@ def rates(tracking_uri: str | None) -> dict[tuple, dict]:
             "generation_s": m["time/eval_generate_s"] / m["eval/n_generated"] if m["eval/n_generated"] else 0.0,
             "setup_s": m["time/setup_s"],
             "model": p["model"], "data": p["data"], "device": run.data.tags.get("device", ""),
-            "micro_batch": run.data.tags.get("exec_micro_batch", p["micro_batch"])}
+            "micro_batch": run.data.tags.get("exec_micro_batch", p["micro_batch"]),
+            "gradient_checkpointing": run.data.tags.get("exec_gradient_checkpointing",
+                                                        p["gradient_checkpointing"].lower())}
     return out
 
 
@@ -190,12 +192,13 @@ def project(tracking_uri: str | None, bench_file: str, profile_name: str = "lamb
              f"data `{any_rate['data']}`; "
              f"profile {profile.name} settings ({profile.gpus_per_trial} GPU per trial, planned micro-batch: "
              f"{profile.plan_micro_batch}). Per trial: setup + training's one-time part + later steps x s/step + pairs x s/pair + generations x s/generation.",
-             "", "| study | method | adapter | precision | steps | trials | s/step | micro-batch | GPU-h |",
+             "", "| study | method | adapter | precision | steps | trials | s/step | micro-batch (checkpointing) | GPU-h |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (study, method, adapter, precision, steps), (n, seconds) in sorted(rows.items()):
         r = measured[(method, adapter, precision)]
         lines.append(f"| {study} | {method} | {adapter} | {precision} | {steps} | {n} | {r['step_s']:.2f} | "
-                     f"{r['micro_batch']} | {seconds * profile.gpus_per_trial / 3600:.2f} |")
+                     f"{r['micro_batch']} ({r['gradient_checkpointing']}) | "
+                     f"{seconds * profile.gpus_per_trial / 3600:.2f} |")
     lines += ["", f"- **{len(trials)} trials: {hours:.1f} GPU-hours** on the calibration GPU, against the research's "
               f"estimate of {RESEARCH_ESTIMATE_A100_H:.0f} A100-hours (a different GPU: compare with care)."]
     cold = cold_start_s(tracking_uri)

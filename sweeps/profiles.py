@@ -26,8 +26,8 @@ class Profile:
     description: str = ""
     # Memory planner (trainables/memory.py). pack_by_memory: each trial's GPU share is the smallest 1/k of a GPU
     # that holds its estimated peak (CPUs per trial then bound how many run at once). plan_micro_batch: a trial
-    # trains at the largest micro-batch its share holds, same effective batch, checkpointing off where that is
-    # faster and fits (trainables.memory.plan; execution only: same trial key).
+    # trains at the largest micro-batch its share holds, same effective batch, checkpointing off where that fits and
+    # is predicted clearly faster (trainables.memory.plan; execution only: same trial key).
     pack_by_memory: bool = False
     plan_micro_batch: bool = False
     gpu_mem_gib: float | None = None          # memory of one GPU for packing; None = this machine's GPU 0

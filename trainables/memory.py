@@ -54,7 +54,7 @@ def required_bytes(estimate: MemoryEstimate) -> int:
 
 
 def allocator_headroom(estimate: MemoryEstimate) -> int:
-    """What the caching allocator reserves beyond the allocated peak (see ALLOCATOR_SLACK)."""
+    """What the caching allocator reserves beyond the allocated peak (the measurements above SMALL_TRIAL_SLACK)."""
     t = estimate.transient
     return math.ceil(min(SMALL_TRIAL_SLACK * t, ALLOCATOR_FIXED_BYTES + ALLOCATOR_SLACK * t))
 

@@ -2,8 +2,8 @@
 
 `run_trial` is what Ray Tune calls on a worker (through sweeps.runner); it is a plain function, so tests and
 notebooks can call it directly too. A trial whose training runs out of GPU memory is retried in the same
-MLflow run (`after_oom`): with checkpointing back on if the planner had turned it off, then with half the
-micro-batch and twice the accumulation (same effective batch), down to micro-batch 1.
+MLflow run (`after_oom`): at the planner's checkpointed plan if the planner had turned checkpointing off, then
+with half the micro-batch and twice the accumulation (same effective batch), down to micro-batch 1.
 """
 from __future__ import annotations
 
@@ -296,7 +296,8 @@ def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> tuple[T
     if not torch.cuda.is_available():  # CPU trials train as configured
         return cfg, None
     budget = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * gpu_share)
-    chosen = memory.plan(cfg, memory.model_shape(cfg.model), budget)
+    shape = memory.model_shape(cfg.model)
+    chosen = memory.plan(cfg, shape, budget)
 
     def config(p):
         return cfg.model_copy(update={"micro_batch": p.micro_batch, "grad_accum": p.grad_accum,
@@ -305,7 +306,7 @@ def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> tuple[T
     planned = config(chosen)
     client.set_tag(run_id, "memory_plan", f"{plan_text(planned)}: estimated peak {chosen.estimate.gib:.1f} GiB "
                    f"of a {budget / 2**30:.1f} GiB share")
-    fallback = next((p for p in memory.plan_options(cfg, memory.model_shape(cfg.model), budget)
+    fallback = next((p for p in memory.plan_options(cfg, shape, budget)
                      if p.gradient_checkpointing), None) if not chosen.gradient_checkpointing else None
     return planned, (config(fallback) if fallback else None)
 
