@@ -50,7 +50,7 @@ step memory-peak 300 python bench/memory_peak.py --shape smollm2 --cases sft-nf4
 # 2.23x without it at micro-batch 2, 2.67-3.48x with the reference log-probs precomputed as well. The planner now
 # turns checkpointing off for bf16 where that fits and is faster: its own choice against the checkpointed plan,
 # back to back on one VM (sft and dpo). Then the levers measured that session, for the record.
-step planner-choice 900 bash -c 'for c in on auto; do python bench/trainable_vs_trl.py --planner --checkpointing $c \
+step planner-choice 1200 bash -c 'for c in on auto; do python bench/trainable_vs_trl.py --planner --checkpointing $c \
                      --bench-file '"$ADD"'; done'
 step planner-dpo 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD"
 step planner-dpo-precompute 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD" \

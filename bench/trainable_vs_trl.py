@@ -14,7 +14,7 @@ GPU HOST: one command per 10-minute call, from the repository root (times are es
     python bench/trainable_vs_trl.py --cases dpo-nf4 cita-nf4          # ~6 min
     ALIGNSWEEP_SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf \\
       python bench/trainable_vs_trl.py --shape smollm2 --steps 60 --block 10   # all six cases, ~3 min
-    python bench/trainable_vs_trl.py --planner                          # sft-bf16 + dpo-bf16, ~5 min
+    python bench/trainable_vs_trl.py --planner                          # sft-bf16 + dpo-bf16, ~7 min
 
 Each appends a section to BENCHMARKS.md and logs, per case, the GiB still allocated afterwards (should be ~0).
 Any command saves the random 8B checkpoint if --ckpt-dir (default ~/.cache/alignsweep-bench) lacks it; delete
@@ -519,7 +519,7 @@ def summary(s: Side, warmup: int, block: int | None = None) -> dict:
     ts, ps = s.times[warmup:], s.peaks[warmup:]
     if not ts:
         return {"error": s.error or "no timed steps"}
-    out = dict(mean=statistics.mean(ts), median=statistics.median(ts), n=len(ts),
+    out = dict(mean=statistics.mean(ts), median=statistics.median(ts), n=len(ts), low=min(ts), high=max(ts),
                peak=max(ps) / 2**30 if ps else float("nan"), error=s.error)
     if block:
         out["blocks"] = [statistics.mean(ts[i:i + block]) for i in range(0, len(ts), block)]
@@ -953,7 +953,9 @@ def planner_report(results, a) -> str:
             f"{t['tok_s']:.0f} | {speedup:.2f} {verdict} | "
             f"{fmt(b['mfu'], '.1%')} / {fmt(b['hfu'], '.1%')} | {fmt(t['mfu'], '.1%')} / {fmt(t['hfu'], '.1%')} | "
             f"{fmt(b['peak'], '.2f')} | {fmt(t['peak'], '.2f')} | {fmt(est, '.2f')} | {fmt(err_pct, '+.1f')} |")
-        notes.append(f"- {case}: N = {res['flops'][0] / 1e6:,.1f} M matmul weights")
+        notes.append(f"- {case}: N = {res['flops'][0] / 1e6:,.1f} M matmul weights; steps ranged bare "
+                     f"{b['low']:.3f}..{b['high']:.3f} s, trainable {t['low']:.3f}..{t['high']:.3f} s, so the speedup "
+                     f"{b['low'] / t['high']:.2f}..{b['high'] / t['low']:.2f} at the extremes")
     if notes:
         lines += ["", "Notes:", *notes]
     return "\n".join(lines) + "\n"
@@ -978,7 +980,7 @@ def main():
                     help="bare TRL micro-batch 1 x --effective-batch vs the trainable at the memory planner's "
                          "micro-batch: tokens/s, speedup (target >= 3), MFU/HFU, estimate vs peak")
     ap.add_argument("--steps", type=int, default=None,
-                    help="timed steps per side (default 30; --planner 5, each step = --effective-batch sequences)")
+                    help="timed steps per side (default 30; --planner 10, each step = --effective-batch sequences)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per side first (default 3; --planner 1)")
     ap.add_argument("--block", type=int, default=5, help="steps per block in the ABBA alternation")
     ap.add_argument("--control", action="store_true",
@@ -1017,7 +1019,7 @@ def main():
         sys.exit("No CUDA device: run with --tiny for a CPU check of the script.")
     a.shape = a.shape or ("tiny" if a.tiny else "llama3-8b")
     a.seq = a.seq or (64 if a.tiny else 1024)
-    a.steps = a.steps or (5 if a.planner else 30)
+    a.steps = a.steps or (10 if a.planner else 30)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.planner else 3)
     if a.cases is None:
         a.cases = ([c.replace("bf16", "fp32") for c in PLANNER_CASES] if a.tiny else PLANNER_CASES) if a.planner \
