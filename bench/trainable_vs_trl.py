@@ -75,10 +75,11 @@ Planner estimate = trainables.memory.estimate_peak(cfg, shape, seq_len=--seq) fo
 (estimate - trainable peak) / trainable peak (target within +-15%).
 
 --planner (8B shape, sft-bf16 and dpo-bf16): bare TRL at micro-batch 1 x accumulation --effective-batch (8), then
-(after freeing it: the planner must see the whole GPU) the trainable at trainables.memory.plan(cfg, (micro-batch, checkpointing)
-shape, budget), budget = the GPU's total memory, as trainables.trial._planned gives a trial with the whole GPU
-(--budget-gib overrides), same effective batch. Reported: tokens/s each (processed tokens: SFT seq per sequence,
-DPO chosen + rejected), speedup = trainable / bare tokens/s (target >= 3), and FLOPs utilization:
+(after freeing it: the planner must see the whole GPU) the trainable at the micro-batch and checkpointing of
+trainables.memory.plan(cfg, shape, budget), budget = the GPU's total memory, as trainables.trial._planned gives a
+trial with the whole GPU (--budget-gib overrides), same effective batch. Reported: tokens/s each (processed
+tokens: SFT seq per sequence, DPO chosen + rejected), speedup = trainable / bare tokens/s (target >= 3), and FLOPs
+utilization:
     N = weights in matmuls (every Linear incl. lm_head, not the embedding lookup), per processed token:
     MFU: SFT 4N (2N forward + 2N backward input-grads; frozen base, no weight grads), DPO 6N (+2N reference fwd)
     HFU: + 2N for the gradient-checkpointing recompute (SFT 6N, DPO 8N); attention score FLOPs (~3% at seq 1024
@@ -912,12 +913,12 @@ def planner_report(results, a) -> str:
         title,
         f"`{command_line()}` — {shape}, seq {a.seq}, effective batch {a.effective_batch}: bare TRL at micro-batch 1 x "
         f"{a.effective_batch}, then (sequentially, the bare trainer freed) the trainable at "
-        f"trainables.memory.plan (micro-batch and checkpointing) for the budget shown; {a.steps} timed steps each after {a.warmup} "
-        f"warmup. tokens/s = processed tokens (SFT: seq per sequence; DPO: chosen + rejected) / s. FLOPs per "
-        f"processed token, N = matmul weights incl. lm_head: MFU SFT 4N (2N fwd + 2N bwd input-grads, frozen base), "
-        f"DPO 6N (+2N reference fwd, unless precomputed before training); HFU adds 2N for the checkpointing recompute; "
-        f"attention scores and LoRA left "
-        f"out. Peak: {flops_src}. {versions}; host {platform.node()}. Target: speedup >= {TARGET_SPEEDUP}."
+        f"trainables.memory.plan (micro-batch and checkpointing) for the budget shown; {a.steps} timed steps each "
+        f"after {a.warmup} warmup. tokens/s = processed tokens (SFT: seq per sequence; DPO: chosen + rejected) / s. "
+        f"FLOPs per processed token, N = matmul weights incl. lm_head: MFU SFT 4N (2N fwd + 2N bwd input-grads, "
+        f"frozen base), DPO 6N (+2N reference fwd, unless precomputed before training); HFU adds 2N for the "
+        f"checkpointing recompute; attention scores and LoRA left out. Peak: {flops_src}. {versions}; host {platform.node()}. "
+        f"Target: speedup >= {TARGET_SPEEDUP}."
         + (f" **The trainable's config changed: {', '.join(a.trainable_set)}** (bare TRL as above)."
            if a.trainable_set else "")
         + (f" **Checkpointing forced {a.checkpointing}** (the planner's best plan with it)."
