@@ -917,8 +917,8 @@ def planner_report(results, a) -> str:
         f"after {a.warmup} warmup. tokens/s = processed tokens (SFT: seq per sequence; DPO: chosen + rejected) / s. "
         f"FLOPs per processed token, N = matmul weights incl. lm_head: MFU SFT 4N (2N fwd + 2N bwd input-grads, "
         f"frozen base), DPO 6N (+2N reference fwd, unless precomputed before training); HFU adds 2N for the "
-        f"checkpointing recompute; attention scores and LoRA left out. Peak: {flops_src}. {versions}; host {platform.node()}. "
-        f"Target: speedup >= {TARGET_SPEEDUP}."
+        f"checkpointing recompute; attention scores and LoRA left out. Peak: {flops_src}. {versions}; host "
+        f"{platform.node()}. Target: speedup >= {TARGET_SPEEDUP}."
         + (f" **The trainable's config changed: {', '.join(a.trainable_set)}** (bare TRL as above)."
            if a.trainable_set else "")
         + (f" **Checkpointing forced {a.checkpointing}** (the planner's best plan with it)."
