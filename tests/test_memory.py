@@ -224,6 +224,9 @@ def test_plan_turns_checkpointing_off_only_where_it_fits_and_runs_clearly_faster
         assert sorted(p.gradient_checkpointing for p in options) == [False, True]
         chosen = plan(cfg, LLAMA8B, budget_gib * GiB)
         assert chosen in options and (chosen.micro_batch, chosen.gradient_checkpointing) == want, (method, budget_gib)
+        # the retry after an OOM without checkpointing: the best plan with it
+        assert chosen.fallback == (None if chosen.gradient_checkpointing else
+                                   next(p for p in options if p.gradient_checkpointing))
     # nf4's estimate without checkpointing is not yet checked on a GPU: its trials keep checkpointing
     assert [p.gradient_checkpointing for p in memory.plan_options(dpo.model_copy(update={"precision": "nf4"}),
                                                                   LLAMA8B, 80 * GiB)] == [True]

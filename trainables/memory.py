@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from trainables.config import TrialConfig
 
@@ -326,6 +326,8 @@ class Plan:
     grad_accum: int
     gradient_checkpointing: bool
     estimate: MemoryEstimate
+    # where this plan turned checkpointing off: the best plan with it (the retry after an OOM); not part of equality
+    fallback: Plan | None = field(default=None, compare=False)
 
 
 # Below ~2k tokens per micro-batch an 8B step leaves an H100 under-used: the time per token is modelled as
@@ -394,7 +396,7 @@ def plan(cfg: TrialConfig, shape: ModelShape, budget_bytes: int, max_micro_batch
         on, off = options[True], options[False]
         faster = relative_step_time(cfg, off.micro_batch, False) <= \
             (1 - CHECKPOINTING_OFF_GAIN) * relative_step_time(cfg, on.micro_batch, True)
-        return off if faster and 2 * off.micro_batch >= on.micro_batch else on
+        return replace(off, fallback=on) if faster and 2 * off.micro_batch >= on.micro_batch else on
     if options:
         return next(iter(options.values()))
     est = estimate_peak(cfg, shape, micro_batch=1)

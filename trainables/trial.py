@@ -211,9 +211,8 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
 
     gpu_share: the fraction of the GPU this trial was given (Ray's fractional GPU). plan_micro_batch: train at the
     micro-batch and checkpointing the memory planner picks for that share (`memory.plan`), at the same effective
-    batch. pad_to_multiple_of:
-    pad batches to a multiple of this many tokens unless the config's trainer knobs say (fewer shapes for cuDNN's
-    attention graphs; the loss is the same). Both change how the trial runs, not its key. callbacks: more
+    batch. pad_to_multiple_of: pad batches to a multiple of this many tokens unless the config's trainer knobs say
+    (fewer shapes for cuDNN's attention graphs; the loss is the same). Both change how the trial runs, not its key. callbacks: more
     transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
     global _trials_in_this_process
     started = time.perf_counter()
@@ -256,8 +255,8 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
         while True:
             tracking.set_tags(client, run_id, {"exec_micro_batch": attempt.micro_batch,
                                                "exec_grad_accum": attempt.grad_accum,
-                                               "exec_gradient_checkpointing": str(attempt.gradient_checkpointing)
-                                               .lower()})
+                                               "exec_gradient_checkpointing":
+                                                   str(attempt.gradient_checkpointing).lower()})
             try:
                 metrics = _attempt(attempt, client, run_id, report, started, {"sys/oom_retries": retries},
                                    callbacks)
@@ -296,8 +295,7 @@ def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> tuple[T
     if not torch.cuda.is_available():  # CPU trials train as configured
         return cfg, None
     budget = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * gpu_share)
-    shape = memory.model_shape(cfg.model)
-    chosen = memory.plan(cfg, shape, budget)
+    chosen = memory.plan(cfg, memory.model_shape(cfg.model), budget)
 
     def config(p):
         return cfg.model_copy(update={"micro_batch": p.micro_batch, "grad_accum": p.grad_accum,
@@ -306,9 +304,7 @@ def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> tuple[T
     planned = config(chosen)
     client.set_tag(run_id, "memory_plan", f"{plan_text(planned)}: estimated peak {chosen.estimate.gib:.1f} GiB "
                    f"of a {budget / 2**30:.1f} GiB share")
-    fallback = next((p for p in memory.plan_options(cfg, shape, budget)
-                     if p.gradient_checkpointing), None) if not chosen.gradient_checkpointing else None
-    return planned, (config(fallback) if fallback else None)
+    return planned, (config(chosen.fallback) if chosen.fallback else None)
 
 
 def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extra: dict,
