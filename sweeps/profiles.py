@@ -36,6 +36,11 @@ class Profile:
     # which costs a 135M model more than the padding: the local GPU profile's packed sweep ran 785 trials/h against
     # 582 unpadded (BENCHMARKS.md, 2026-11-24 evening). The `gpu` and 8B profiles leave it off: not measured there.
     pad_to_multiple_of: int | None = None
+    # False: SDPA without cuDNN's attention kernels (execution only: same trial key), whose graphs are built per
+    # batch shape and per thread on the CPU; packed SmolLM2 trials met the DPO/CITA pair shapes in step 1 at
+    # 2.2-2.7 s of CPU each (BENCHMARKS.md, 2026-11-24 late morning). bench/packing.py --mode packed-no-cudnn
+    # measures it.
+    cudnn_attention: bool = True
 
     @property
     def cuda(self) -> bool:

@@ -198,38 +198,69 @@ def test_plan_keeps_effective_batch_and_picks_bigger_micro_batches_for_bigger_bu
             for p in options:
                 assert 24 % p.micro_batch == 0 and p.micro_batch * p.grad_accum == 24
                 assert memory.required_bytes(p.estimate) <= budget_gib * GiB
-                ran = cfg.model_copy(update={"gradient_checkpointing": p.gradient_checkpointing})
-                assert p.estimate == estimate_peak(ran, LLAMA8B, micro_batch=p.micro_batch)
+                assert p.estimate == estimate_peak(p.config, LLAMA8B)  # the config as it runs
+                assert p.config.model_copy(update={"micro_batch": 4, "grad_accum": 6, "trainer": {},
+                                                   "gradient_checkpointing": checkpointing}) == cfg.model_copy(
+                    update={"gradient_checkpointing": checkpointing})  # only the execution changed
                 bigger = [d for d in range(p.micro_batch + 1, 25) if 24 % d == 0]
                 if bigger:  # the largest that fits at its checkpointing: the next divisor does not
-                    assert memory.required_bytes(estimate_peak(ran, LLAMA8B, micro_batch=bigger[0])) > budget_gib * GiB
+                    over = p.config.model_copy(update={"micro_batch": bigger[0]})
+                    assert memory.required_bytes(estimate_peak(over, LLAMA8B)) > budget_gib * GiB
             largest.append(max(p.micro_batch for p in options if p.gradient_checkpointing == checkpointing))
         assert largest == sorted(largest) and largest[0] < largest[-1]
     capped = memory.plan_options(cfg, LLAMA8B, 80 * GiB, max_micro_batch=5)  # divisors of 24 up to 5: 4, 3, ...
-    assert [(p.micro_batch, p.grad_accum, p.gradient_checkpointing) for p in capped] == [(4, 6, True), (3, 8, False)]
+    layers = [memory.checkpointed_layers(p.config, LLAMA8B) for p in capped]
+    assert layers == [32, 16, 11, 8, 7, 6, 5, 4, 3, 2, 1, 0]  # every n-th layer, for each count that gives, and none
+    assert [p.micro_batch for p in capped] == [4, 4, 4, 4, 4, 4, 4, 4, 3, 3, 3, 3]
+
+
+def test_checkpointing_every_n_th_layer_keeps_the_others_activations():
+    """transformers' every_n_layers checkpoints layers 0, n, 2n, ...: each one kept costs its saved tensors
+    instead of its input; the recompute's working set counts only when the last layer is a checkpointed one."""
+    cfg = trial(method="dpo", micro_batch=4, grad_accum=2)
+    totals = []
+    for n in (1, 2, 4, 8, 32, None):
+        variant = memory.with_checkpointing(cfg, n)
+        assert variant.gradient_checkpointing is (n is not None) and memory.every_n_layers(variant) == (n or 1)
+        assert memory.checkpointed_layers(variant, LLAMA8B) == (math.ceil(32 / n) if n else 0)
+        totals.append(estimate_peak(variant, LLAMA8B).parts["activations"])
+    assert totals == sorted(totals) and len(set(totals)) == len(totals)
+    # one layer's saved tensors (the recompute at the last layer) is what checkpointing them all adds over
+    # keeping only layer 0's input (n = 32: the last layer keeps its own saved tensors, nothing is recomputed then)
+    all_layers, first_only = (estimate_peak(memory.with_checkpointing(cfg, n), LLAMA8B) for n in (1, 32))
+    assert memory.with_checkpointing(memory.with_checkpointing(cfg, 8), None).trainer == cfg.trainer == {}
+    assert first_only.parts["activations"] > all_layers.parts["activations"]
+    with pytest.raises(ValueError, match="every_n_layers = 0: a whole number >= 1"):
+        trial(trainer={"gradient_checkpointing_kwargs": {"every_n_layers": 0}})
 
 
 def test_plan_turns_checkpointing_off_only_where_it_fits_and_runs_clearly_faster():
     dpo = trial(method="dpo", precision="bf16", micro_batch=1, grad_accum=8)
     sft = dpo.model_copy(update={"method": "sft"})
-    expected = {  # (method, GPU GiB): (micro-batch, checkpointing)
-        ("dpo", 40): (8, True),    # without it only micro-batch 1 fits: slower
-        ("dpo", 80): (8, True),    # without it micro-batch 2 fits: predicted 3% faster, not enough
-        ("dpo", 141): (4, False),  # an H200: micro-batch 4 without it, predicted 18% faster (measured 17% on an H100)
-        ("sft", 80): (4, False),   # predicted 21% faster (measured 21%)
+    expected = {  # (method, GPU GiB): (micro-batch, layers checkpointed of 32)
+        ("dpo", 40): (8, 32),   # with fewer checkpointed at most micro-batch 2 fits (16 layers): slower
+        ("dpo", 80): (4, 4),    # without checkpointing micro-batch 2 fits: predicted 3% faster, not enough;
+                                # with every 8th layer micro-batch 4 does, predicted 14% faster
+        ("dpo", 141): (8, 4),   # an H200: micro-batch 8, every 8th layer (4 without it: predicted 18% faster)
+        ("sft", 80): (8, 4),    # predicted 29% faster (4 without it: 21%, measured 21%)
+        ("sft", 141): (8, 0),   # none at micro-batch 8: predicted 33% faster
     }
     for (method, budget_gib), want in expected.items():
         cfg = {"dpo": dpo, "sft": sft}[method]
         options = memory.plan_options(cfg, LLAMA8B, budget_gib * GiB)
-        assert sorted(p.gradient_checkpointing for p in options) == [False, True]
+        assert [p.gradient_checkpointing for p in options] == [True] * 11 + [False]
         chosen = plan(cfg, LLAMA8B, budget_gib * GiB)
-        assert chosen in options and (chosen.micro_batch, chosen.gradient_checkpointing) == want, (method, budget_gib)
-        # the retry after an OOM without checkpointing: the best plan with it
-        assert chosen.fallback == (None if chosen.gradient_checkpointing else
-                                   next(p for p in options if p.gradient_checkpointing))
+        assert chosen in options, (method, budget_gib)
+        assert (chosen.micro_batch, memory.checkpointed_layers(chosen.config, LLAMA8B)) == want, (method, budget_gib)
+        # the retry after an OOM with fewer layers checkpointed than all: the best plan with all of them
+        assert chosen.fallback == (None if chosen == options[0] else options[0])
+        assert options[0].every_n_layers == 1 and options[0].gradient_checkpointing
     # nf4's estimate without checkpointing is not yet checked on a GPU: its trials keep checkpointing
-    assert [p.gradient_checkpointing for p in memory.plan_options(dpo.model_copy(update={"precision": "nf4"}),
-                                                                  LLAMA8B, 80 * GiB)] == [True]
+    assert [(p.gradient_checkpointing, p.every_n_layers) for p in memory.plan_options(
+        dpo.model_copy(update={"precision": "nf4"}), LLAMA8B, 80 * GiB)] == [(True, 1)]
+    # an every_n_layers the trial sets is kept, like gradient_checkpointing: false
+    fixed = memory.with_checkpointing(dpo, 4)
+    assert [p.every_n_layers for p in memory.plan_options(fixed, LLAMA8B, 80 * GiB)] == [4]
 
 
 @pytest.mark.parametrize("method, micro_batch, measured", [  # 8B shape, H100, seq 1024 (BENCHMARKS.md 2026-11-24):
@@ -237,8 +268,11 @@ def test_plan_turns_checkpointing_off_only_where_it_fits_and_runs_clearly_faster
 def test_checkpointing_goes_off_where_the_measured_step_was_clearly_faster_without_it(method, micro_batch, measured):
     """Step time without checkpointing at `micro_batch` over with it at micro-batch 8, as measured: the model's
     decision agrees wherever the measurement is clear (DPO at micro-batch 2, 0.93x across two VMs, is not)."""
-    cfg = trial(method=method)
-    predicted = memory.relative_step_time(cfg, micro_batch, False) / memory.relative_step_time(cfg, 8, True)
+    def time(checkpointing, mb):
+        return memory.relative_step_time(trial(method=method, micro_batch=mb, gradient_checkpointing=checkpointing),
+                                         LLAMA8B)
+
+    predicted = time(False, micro_batch) / time(True, 8)
     assert (predicted <= 1 - memory.CHECKPOINTING_OFF_GAIN) == (measured <= 1 - memory.CHECKPOINTING_OFF_GAIN)
 
 

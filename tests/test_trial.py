@@ -387,6 +387,7 @@ def test_oom_at_micro_batch_one_fails_the_trial(runs, tiny_model, monkeypatch):
 
 
 def test_after_oom_falls_back_to_the_checkpointed_plan_before_halving():
+    from trainables.memory import every_n_layers, with_checkpointing
     from trainables.trial import after_oom
 
     cfg = TrialConfig(**tiny_trial(micro_batch=1, grad_accum=8, gradient_checkpointing=True))
@@ -399,6 +400,10 @@ def test_after_oom_falls_back_to_the_checkpointed_plan_before_halving():
         (4, 2, False), (8, 1, True), (4, 2, True), (2, 4, True), (1, 8, True)]
     off = cfg.model_copy(update={"micro_batch": 2, "grad_accum": 4, "gradient_checkpointing": False})
     assert after_oom(off, None).gradient_checkpointing is False  # not the planner's doing: stays off
+    # planned to checkpoint every 8th layer only: the same fallback first
+    partial = with_checkpointing(cfg, 8).model_copy(update={"micro_batch": 4, "grad_accum": 2})
+    assert after_oom(partial, checkpointed) is checkpointed
+    assert every_n_layers(after_oom(after_oom(partial, checkpointed), checkpointed)) == 1
 
 
 def test_a_planned_trial_that_runs_out_of_memory_without_checkpointing_retries_with_it(runs, tiny_model,
@@ -436,18 +441,23 @@ def test_checkpointing_is_the_trials_field_not_a_trainer_knob():
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "cita"])
 def test_checkpointing_changes_no_loss(method, tiny_model, tmp_path):
-    """What the planner relies on when it turns checkpointing off: the same losses with and without it."""
+    """What the planner relies on when it checkpoints fewer layers or none: the same losses as with all of them.
+    every_n_layers=2 on the 2-layer model checkpoints layer 0 only (transformers' flag on each decoder layer)."""
+    from trainables.memory import with_checkpointing
     from trainables.trial import prepare
 
     losses = []
-    for checkpointing in (True, False):
-        cfg = TrialConfig(**tiny_trial(method=method, micro_batch=2, grad_accum=1, max_steps=3,
-                                       gradient_checkpointing=checkpointing))
-        trainer, _, _ = prepare(cfg, str(tmp_path / str(checkpointing)))
-        assert trainer.args.gradient_checkpointing is checkpointing
+    base = TrialConfig(**tiny_trial(method=method, micro_batch=2, grad_accum=1, max_steps=3))
+    for every_n, flags in ((1, [True, True]), (2, [True, False]), (None, [False, False])):
+        cfg = with_checkpointing(base, every_n)
+        trainer, _, _ = prepare(cfg, str(tmp_path / str(every_n)))
         trainer.train()
+        layers = trainer.model.get_base_model().model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == flags, every_n
         losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
-    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
+    assert len(losses[0]) == 3
+    for other in losses[1:]:
+        assert other == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo"])

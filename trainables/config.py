@@ -98,6 +98,10 @@ class TrialConfig(_Strict):
             raise ValueError("trainer.gradient_checkpointing: set the trial's `gradient_checkpointing` instead (the "
                              "memory planner may turn it off where that fits and is faster, tagged "
                              "exec_gradient_checkpointing)")
+        every_n = (self.trainer.get("gradient_checkpointing_kwargs") or {}).get("every_n_layers", 1)
+        if not isinstance(every_n, int) or isinstance(every_n, bool) or every_n < 1:
+            raise ValueError(f"trainer.gradient_checkpointing_kwargs.every_n_layers = {every_n!r}: a whole number >= 1 "
+                             "(checkpoint every n-th decoder layer; 1: all)")
         seeds = sorted({"seed", "data_seed"} & set(self.trainer))
         if seeds:  # TRL seeds DPO/CITA's LoRA init with the trainer's seed: one seed for every method (pairing)
             raise ValueError(f"trainer.{seeds[0]}: set the trial's `seed` instead (it seeds the adapter, the data "

@@ -219,8 +219,9 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
     micro_batch defaults to cfg.micro_batch, seq_len to cfg.max_length (the worst case: batches are padded to at
     most max_length). DPO/CITA run 2 sequences (chosen, rejected) per pair. The peak is the largest of three
     moments, each the static part (weights, LoRA params + grads + optimizer states, GRIT statistics) plus:
-    - "layer backward": the checkpointed layer inputs (all layers' saved tensors without checkpointing), the
-      recomputed layer's saved tensors and its gradient working set (dominant for wide models);
+    - "layer backward": what the layers keep (a checkpointed layer its input, any other its saved tensors;
+      `checkpointed_layers`), the recomputed layer's saved tensors and its gradient working set (dominant for
+      wide models);
     - "lm_head backward": the same stored activations plus the fused LM head's saved input, its fp32 gradient
       accumulator and one logits tile (dominant for small models with large vocabularies);
     - "optimizer step": the optimizer's temporaries.
@@ -249,14 +250,13 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
 
     layer = _layer_saved(cfg, shape, p, t, padded)
     mask = seqs * seq * seq if padded else 0
-    if cfg.gradient_checkpointing:
-        stored = shape.layers * a * t * h + mask  # each layer's input
-        recomputed = layer
-    else:
-        stored = shape.layers * layer + mask
-        recomputed = 0
-        if p.lora_copy:  # the graph also keeps each layer's bf16 autocast cast of the fp32 LoRA weights
-            stored += 2 * n_lora
+    ckpt, kept = checkpointed_layers(cfg, shape), shape.layers - checkpointed_layers(cfg, shape)
+    stored = ckpt * a * t * h + kept * layer + mask  # a checkpointed layer keeps its input only
+    if p.lora_copy:  # the graph also keeps each kept layer's bf16 autocast cast of the fp32 LoRA weights
+        stored += 2 * n_lora * kept // shape.layers
+    # The recompute of a checkpointed layer adds its saved tensors. Every n-th layer from the first is checkpointed;
+    # when the last layer is not, the layers above the topmost checkpointed one have released theirs by then.
+    recomputed = layer if ckpt and (ckpt - 1) * every_n_layers(cfg) == shape.layers - 1 else 0
     # Backward through the MLP holds two T x I gradients beyond the saved tensors (the down input's gradient from
     # the LoRA and base paths, or with fp32 LoRA its bf16 + fp32 casts; then silu's and up's while the product's
     # is alive and the down input is released), plus the gradients of the layer output and of the residual.
@@ -319,15 +319,54 @@ def trial_peak(cfg: TrialConfig, shape: ModelShape) -> MemoryEstimate:
     return max(estimate_peak(cfg, shape), estimate_eval(cfg, shape), key=lambda e: e.total)
 
 
+# --- checkpointing ---------------------------------------------------------------------------------------------
+def every_n_layers(cfg: TrialConfig) -> int:
+    """Checkpoint every n-th decoder layer, from the first (transformers' `gradient_checkpointing_kwargs`
+    `every_n_layers`, passed through `trainer`); 1: every layer."""
+    return int((cfg.trainer.get("gradient_checkpointing_kwargs") or {}).get("every_n_layers", 1))
+
+
+def checkpointed_layers(cfg: TrialConfig, shape: ModelShape) -> int:
+    """Decoder layers that keep only their input and recompute their forward in the backward."""
+    return math.ceil(shape.layers / every_n_layers(cfg)) if cfg.gradient_checkpointing else 0
+
+
+def with_checkpointing(cfg: TrialConfig, every_n: int | None) -> TrialConfig:
+    """cfg checkpointing every `every_n`-th layer (1: all of them), or none (None). Execution only: the loss is the
+    same (tests/test_trial.py), so the trial's key stays."""
+    kwargs = {k: v for k, v in (cfg.trainer.get("gradient_checkpointing_kwargs") or {}).items()
+              if k != "every_n_layers"}
+    if every_n is not None and every_n > 1:
+        kwargs["every_n_layers"] = every_n
+    trainer = {k: v for k, v in cfg.trainer.items() if k != "gradient_checkpointing_kwargs"}
+    trainer.update({"gradient_checkpointing_kwargs": kwargs} if kwargs else {})
+    return cfg.model_copy(update={"gradient_checkpointing": every_n is not None, "trainer": trainer})
+
+
 # --- planning --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plan:
-    micro_batch: int
-    grad_accum: int
-    gradient_checkpointing: bool
+    config: TrialConfig  # the trial as it runs: micro-batch, accumulation and checkpointing set
     estimate: MemoryEstimate
-    # where this plan turned checkpointing off: the best plan with it (the retry after an OOM); not part of equality
+    # where this plan recomputes fewer layers than all: the best plan that recomputes all (the retry after an OOM);
+    # not part of equality
     fallback: Plan | None = field(default=None, compare=False)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.config.micro_batch
+
+    @property
+    def grad_accum(self) -> int:
+        return self.config.grad_accum
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.config.gradient_checkpointing
+
+    @property
+    def every_n_layers(self) -> int:
+        return every_n_layers(self.config)
 
 
 # Below ~2k tokens per micro-batch an 8B step leaves an H100 under-used: the time per token is modelled as
@@ -335,26 +374,26 @@ class Plan:
 # 2026-11-24, s per step of 8 sequences or pairs at seq 1024, H100), against checkpointing at micro-batch 8:
 # DPO without it at micro-batch 4 0.83x (same VM; the model says 0.82), at 1 1.10x (model 1.27); SFT without it at
 # 4 0.79x and at 8 0.72x (model 0.79, 0.67), at 2 1.14x (model 1.03). A rough model, to choose between a few plans,
-# not to predict times; so checkpointing goes off only for a clear predicted gain (CHECKPOINTING_OFF_GAIN): DPO
-# without it at micro-batch 2 read 0.93x, across two VMs that differed by more than that (model 0.97).
+# not to predict times; so checkpointing fewer layers than all is chosen only for a clear predicted gain
+# (CHECKPOINTING_OFF_GAIN): DPO without it at micro-batch 2 read 0.93x, across two VMs that differed by more than
+# that (model 0.97).
 SATURATION_TOKENS = 1800
 CHECKPOINTING_OFF_GAIN = 0.10
 
 
-def flops_per_token(cfg: TrialConfig, gradient_checkpointing: bool | None = None) -> tuple[int, int]:
+def flops_per_token(cfg: TrialConfig, shape: ModelShape) -> tuple[float, float]:
     """(model, hardware) matmul FLOPs per processed token in units of the weights: forward 2 + input-grad backward 2
     (frozen base), + DPO/CITA's reference forward 2 unless precomputed (TRL's precompute_ref_log_probs); hardware
-    adds the checkpointing recompute 2."""
-    checkpointing = cfg.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    adds the checkpointing recompute, 2 x the fraction of layers checkpointed."""
     model = 4 + (2 if cfg.method != "sft" and not cfg.trainer.get("precompute_ref_log_probs") else 0)
-    return model, model + (2 if checkpointing else 0)
+    return model, model + 2 * checkpointed_layers(cfg, shape) / shape.layers
 
 
-def relative_step_time(cfg: TrialConfig, micro_batch: int, gradient_checkpointing: bool) -> float:
+def relative_step_time(cfg: TrialConfig, shape: ModelShape) -> float:
     """A step's time up to a constant factor, to rank plans of one trial: hardware FLOPs per token times the
     under-use of small micro-batches (sequences taken at max_length)."""
-    tokens = micro_batch * cfg.max_length * (1 if cfg.method == "sft" else 2)
-    return flops_per_token(cfg, gradient_checkpointing)[1] * (1 + SATURATION_TOKENS / tokens)
+    tokens = cfg.micro_batch * cfg.max_length * (1 if cfg.method == "sft" else 2)
+    return flops_per_token(cfg, shape)[1] * (1 + SATURATION_TOKENS / tokens)
 
 
 # Precisions whose estimate without checkpointing was checked on a GPU (8B bf16: -1% to +4%, BENCHMARKS.md
@@ -363,47 +402,57 @@ def relative_step_time(cfg: TrialConfig, micro_batch: int, gradient_checkpointin
 PLANS_CHECKPOINTING = ("bf16",)
 
 
+def checkpointing_variants(cfg: TrialConfig, shape: ModelShape) -> list[TrialConfig]:
+    """The checkpointing settings open to the trial, most recomputation first. Checkpointing changes memory and
+    time, not the result, so a trial's True opens (in PLANS_CHECKPOINTING precisions) every layer, every n-th
+    layer for each count of layers that gives, and none; False, or an every_n_layers the trial sets, only itself."""
+    gc_kwargs = cfg.trainer.get("gradient_checkpointing_kwargs") or {}
+    if not cfg.gradient_checkpointing or cfg.precision not in PLANS_CHECKPOINTING or "every_n_layers" in gc_kwargs:
+        return [cfg]
+    smallest_n: dict[int, int] = {}  # layers checkpointed -> the smallest n checkpointing that many
+    for n in range(1, shape.layers + 1):
+        smallest_n.setdefault(math.ceil(shape.layers / n), n)
+    return [with_checkpointing(cfg, n) for n in smallest_n.values()] + [with_checkpointing(cfg, None)]
+
+
 def plan_options(cfg: TrialConfig, shape: ModelShape, budget_bytes: int,
                  max_micro_batch: int | None = None) -> list[Plan]:
-    """For each checkpointing setting open to the trial, the largest micro-batch dividing its effective batch
-    (micro_batch x grad_accum, kept unchanged) whose estimate plus headroom fits `budget_bytes`. Checkpointing
-    changes memory and time, not the result, so a trial's True leaves both settings open (in PLANS_CHECKPOINTING
-    precisions); False leaves only False."""
+    """For each checkpointing setting open to the trial (`checkpointing_variants`, in that order), the largest
+    micro-batch dividing its effective batch (micro_batch x grad_accum, kept unchanged) whose estimate plus
+    headroom fits `budget_bytes`."""
     effective = cfg.micro_batch * cfg.grad_accum
     limit = effective if max_micro_batch is None else min(effective, max_micro_batch)
-    if not cfg.gradient_checkpointing:
-        settings = (False,)
-    else:
-        settings = (True, False) if cfg.precision in PLANS_CHECKPOINTING else (True,)
     options = []
-    for checkpointing in settings:
-        variant = cfg.model_copy(update={"gradient_checkpointing": checkpointing})
+    for variant in checkpointing_variants(cfg, shape):
         for mb in (d for d in range(limit, 0, -1) if effective % d == 0):
             est = estimate_peak(variant, shape, micro_batch=mb)
             if required_bytes(est) <= budget_bytes:
-                options.append(Plan(mb, effective // mb, checkpointing, est))
+                options.append(Plan(variant.model_copy(update={"micro_batch": mb, "grad_accum": effective // mb}),
+                                    est))
                 break
     return options
 
 
 def plan(cfg: TrialConfig, shape: ModelShape, budget_bytes: int, max_micro_batch: int | None = None) -> Plan:
-    """Of `plan_options`, the one with checkpointing unless the one without is predicted faster by at least
-    CHECKPOINTING_OFF_GAIN (`relative_step_time`) at no less than half its micro-batch, or is the only one that
-    fits. The half guards the model's weak side: it takes sequences at max_length, and real batches are shorter,
+    """Of `plan_options`, the most checkpointed one, unless one recomputing fewer layers is predicted faster by at
+    least CHECKPOINTING_OFF_GAIN (`relative_step_time`) at no less than half its micro-batch: then the fastest
+    such. The half guards the model's weak side: it takes sequences at max_length, and real batches are shorter,
     which under-uses small micro-batches more than it predicts."""
-    options = {p.gradient_checkpointing: p for p in plan_options(cfg, shape, budget_bytes, max_micro_batch)}
-    if True in options and False in options:
-        on, off = options[True], options[False]
-        faster = relative_step_time(cfg, off.micro_batch, False) <= \
-            (1 - CHECKPOINTING_OFF_GAIN) * relative_step_time(cfg, on.micro_batch, True)
-        return replace(off, fallback=on) if faster and 2 * off.micro_batch >= on.micro_batch else on
-    if options:
-        return next(iter(options.values()))
-    est = estimate_peak(cfg, shape, micro_batch=1)
-    raise ValueError(
-        f"{cfg.model} ({cfg.precision}, {cfg.method}, max_length {cfg.max_length}) does not fit: micro_batch=1 "
-        f"needs {required_bytes(est) / GiB:.2f} GiB (estimate {est.gib:.2f} GiB + headroom) but the budget is "
-        f"{budget_bytes / GiB:.2f} GiB")
+    options = plan_options(cfg, shape, budget_bytes, max_micro_batch)
+    if not options:
+        est = estimate_peak(cfg, shape, micro_batch=1)
+        raise ValueError(
+            f"{cfg.model} ({cfg.precision}, {cfg.method}, max_length {cfg.max_length}) does not fit: micro_batch=1 "
+            f"needs {required_bytes(est) / GiB:.2f} GiB (estimate {est.gib:.2f} GiB + headroom) but the budget is "
+            f"{budget_bytes / GiB:.2f} GiB")
+    base, *others = options
+
+    def time(p: Plan) -> float:
+        return relative_step_time(p.config, shape)
+
+    faster = [p for p in others if 2 * p.micro_batch >= base.micro_batch
+              and time(p) <= (1 - CHECKPOINTING_OFF_GAIN) * time(base)]
+    return replace(min(faster, key=time), fallback=base) if faster else base
 
 
 def gpu_fraction(estimate: MemoryEstimate, gpu_bytes: int, max_per_gpu: int = 16) -> float:

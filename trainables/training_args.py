@@ -26,13 +26,14 @@ def trl_args(cfg: TrialConfig, config_cls, output_dir: str, **method_kwargs):
         bf16=cuda and cfg.precision != "fp32",
         use_cpu=not cuda,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        # non-reentrant checkpointing works with frozen embeddings (LoRA) without enable_input_require_grads
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # non-reentrant checkpointing works with frozen embeddings (LoRA) without enable_input_require_grads;
+        # the trial's own kwargs add to it (every_n_layers: the memory planner's partial checkpointing)
+        gradient_checkpointing_kwargs={"use_reentrant": False, **cfg.trainer.get("gradient_checkpointing_kwargs", {})},
         report_to="none",          # the trial logs to MLflow itself (trainables/tracking.py)
         save_strategy="no",        # the adapter is saved once, at the end, as an MLflow artifact
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
     args.update(method_kwargs)
-    args.update(cfg.trainer)  # any other knob from the spec wins
+    args.update({k: v for k, v in cfg.trainer.items() if k != "gradient_checkpointing_kwargs"})  # the spec's win
     return config_cls(**args)

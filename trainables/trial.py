@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from trainables import cita, data, dpo, evaluate, lora, precision, sft, tracking
+from trainables import cita, data, dpo, evaluate, lora, memory, precision, sft, tracking
 from trainables.config import TrialConfig
 from trainables.models import cache_root, load_tokenizer
 from trainables.stack_sampler import StackSampler
@@ -159,8 +159,7 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
     try:
         trainer.train()
     except torch.OutOfMemoryError as err:
-        raise TrainingOOM(f"micro_batch={cfg.micro_batch} gradient_checkpointing="
-                          f"{str(cfg.gradient_checkpointing).lower()}: {err}") from None
+        raise TrainingOOM(f"{plan_text(cfg)}: {err}") from None
     finally:
         steps.stop_probes()
     phases["time/train_s"] = time.perf_counter() - clock
@@ -194,9 +193,9 @@ def _freeze_once():
 
 def after_oom(attempt: TrialConfig, checkpointed: TrialConfig | None) -> TrialConfig | None:
     """The next attempt after running out of memory, at the same effective batch, or None when nothing is left:
-    the planner's checkpointed plan where it had turned checkpointing off (`checkpointed`), else half the
+    the planner's plan checkpointing every layer (`checkpointed`) where it had planned fewer, else half the
     micro-batch, twice the accumulation."""
-    if checkpointed is not None and not attempt.gradient_checkpointing:
+    if checkpointed is not None and (not attempt.gradient_checkpointing or memory.every_n_layers(attempt) > 1):
         return checkpointed
     if attempt.micro_batch == 1:
         return None
@@ -206,20 +205,23 @@ def after_oom(attempt: TrialConfig, checkpointed: TrialConfig | None) -> TrialCo
 def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, parent_run_id: str | None = None,
               report: Callable[[dict], None] | None = None, threads: int | None = None,
               variant: str = "", gpu_share: float = 1.0, plan_micro_batch: bool = False,
-              pad_to_multiple_of: int | None = None, callbacks=()) -> dict[str, float]:
+              pad_to_multiple_of: int | None = None, cudnn_attention: bool = True,
+              callbacks=()) -> dict[str, float]:
     """Run one trial, filed as an MLflow child run. A failure is recorded on the run, then re-raised.
 
     gpu_share: the fraction of the GPU this trial was given (Ray's fractional GPU). plan_micro_batch: train at the
     micro-batch and checkpointing the memory planner picks for that share (`memory.plan`), at the same effective
     batch. pad_to_multiple_of: pad batches to a multiple of this many tokens unless the config's trainer knobs say
-    (fewer shapes for cuDNN's attention graphs; the loss is the same). Both change how the trial runs, not its key. callbacks: more
-    transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
+    (fewer shapes for cuDNN's attention graphs; the loss is the same). cudnn_attention=False: SDPA without cuDNN's
+    kernels, for this process (no graph builds per shape). These change how the trial runs, not its key.
+    callbacks: more transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
     global _trials_in_this_process
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
     if torch.cuda.is_available():  # per-trial peak, also on a reused worker
         torch.cuda.reset_peak_memory_stats()
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
     cfg = TrialConfig(**config)
     client = tracking.client(tracking_uri)
     kind = (cfg.method, cfg.adapter, cfg.precision)
@@ -230,7 +232,8 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
         # which process ran it, and its how-manieth trial there (0: the process's first)
         "worker_pid": str(os.getpid()), "worker_trial": str(_trials_in_this_process),
         "thread_trial": str(thread_trials),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        **({} if cudnn_attention else {"exec_cudnn_attention": "false"})})
     _kinds_in_this_process.add(kind)
     _trials_in_this_process += 1
     _this_thread.trials = thread_trials + 1
@@ -256,7 +259,10 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
             tracking.set_tags(client, run_id, {"exec_micro_batch": attempt.micro_batch,
                                                "exec_grad_accum": attempt.grad_accum,
                                                "exec_gradient_checkpointing":
-                                                   str(attempt.gradient_checkpointing).lower()})
+                                                   str(attempt.gradient_checkpointing).lower(),
+                                               "exec_checkpoint_every_n_layers":
+                                                   memory.every_n_layers(attempt) if attempt.gradient_checkpointing
+                                                   else 0})
             try:
                 metrics = _attempt(attempt, client, run_id, report, started, {"sys/oom_retries": retries},
                                    callbacks)
@@ -283,28 +289,21 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
 
 
 def plan_text(cfg: TrialConfig) -> str:
+    every_n = memory.every_n_layers(cfg) if cfg.gradient_checkpointing else 1
     return (f"micro_batch={cfg.micro_batch} grad_accum={cfg.grad_accum} gradient_checkpointing="
-            f"{str(cfg.gradient_checkpointing).lower()}")
+            f"{str(cfg.gradient_checkpointing).lower()}" + (f" every_n_layers={every_n}" if every_n > 1 else ""))
 
 
 def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> tuple[TrialConfig, TrialConfig | None]:
     """The config at the memory planner's micro-batch and checkpointing for this trial's share of the GPU, and,
     where the plan turned checkpointing off, the planner's checkpointed plan (the fallback on OOM)."""
-    from trainables import memory
-
     if not torch.cuda.is_available():  # CPU trials train as configured
         return cfg, None
     budget = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * gpu_share)
     chosen = memory.plan(cfg, memory.model_shape(cfg.model), budget)
-
-    def config(p):
-        return cfg.model_copy(update={"micro_batch": p.micro_batch, "grad_accum": p.grad_accum,
-                                      "gradient_checkpointing": p.gradient_checkpointing})
-
-    planned = config(chosen)
-    client.set_tag(run_id, "memory_plan", f"{plan_text(planned)}: estimated peak {chosen.estimate.gib:.1f} GiB "
-                   f"of a {budget / 2**30:.1f} GiB share")
-    return planned, (config(chosen.fallback) if chosen.fallback else None)
+    client.set_tag(run_id, "memory_plan", f"{plan_text(chosen.config)}: estimated peak {chosen.estimate.gib:.1f} "
+                   f"GiB of a {budget / 2**30:.1f} GiB share")
+    return chosen.config, (chosen.fallback.config if chosen.fallback else None)
 
 
 def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extra: dict,
