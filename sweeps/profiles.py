@@ -37,10 +37,15 @@ class Profile:
     # 582 unpadded (BENCHMARKS.md, 2026-11-24 evening). The `gpu` and 8B profiles leave it off: not measured there.
     pad_to_multiple_of: int | None = None
     # False: SDPA without cuDNN's attention kernels (execution only: same trial key), whose graphs are built per
-    # batch shape and per thread on the CPU; packed SmolLM2 trials met the DPO/CITA pair shapes in step 1 at
-    # 2.2-2.7 s of CPU each (BENCHMARKS.md, 2026-11-24 late morning). bench/packing.py --mode packed-no-cudnn
-    # measures it.
+    # batch shape and per thread on the CPU. The local GPU profile's 16 packed SmolLM2 trials without them: 733
+    # trials/h against 506, warm step 1 0.8 s against 3.8 (BENCHMARKS.md, 2026-11-24 midday; bench/packing.py
+    # --mode packed packed-no-cudnn). The 8B profiles keep them: not measured there.
     cudnn_attention: bool = True
+    # DPO/CITA trials read the reference log-probs from a cache shared by the trials of one model, precision and
+    # training set on a machine (trainables/reference.py; execution only). It computes them once for the whole
+    # training set: worth it where more trials share one than the set holds steps' worth of pairs (the study's
+    # matrix: 12 DPO/CITA trials of 2,400 pairs each per precision, against 10,813 pairs computed once).
+    reference_cache: bool = False
 
     @property
     def cuda(self) -> bool:
@@ -63,7 +68,7 @@ def _local() -> Profile:
              "warmup_steps": 1, "eval": {"n_generate": 8, "max_new_tokens": 24, "batch_size": 8}}
     if torch.cuda.is_available():
         return Profile("local", small, cpus_per_trial=1, gpus_per_trial=1, precisions=("bf16", "nf4"),
-                       step_scale=0.2, pack_by_memory=True, pad_to_multiple_of=64,
+                       step_scale=0.2, pack_by_memory=True, pad_to_multiple_of=64, cudnn_attention=False,
                        description="one local GPU, SmolLM2 trials packed on it by estimated memory")
     cpus = os.cpu_count() or 2
     return Profile("local", small, cpus_per_trial=max(1, cpus // 2), gpus_per_trial=0, precisions=("fp32",),
@@ -83,8 +88,10 @@ def get(name: str) -> Profile:
                        description="one GPU node, SmolLM2 trials packed on each GPU by estimated memory")
     if name == "lambda":
         return Profile("lambda", _CLUSTER, cpus_per_trial=8, gpus_per_trial=1, precisions=("bf16", "nf4"),
-                       plan_micro_batch=True, description="Lambda Cloud Ray cluster (cluster/lambda.yaml), one GPU per 8B trial")
+                       plan_micro_batch=True, reference_cache=True,
+                       description="Lambda Cloud Ray cluster (cluster/lambda.yaml), one GPU per 8B trial")
     if name == "tacc":
         return Profile("tacc", _CLUSTER, cpus_per_trial=8, gpus_per_trial=1, precisions=("bf16", "nf4"),
-                       plan_micro_batch=True, description="TACC SLURM allocation (cluster/tacc/), one GPU per 8B trial")
+                       plan_micro_batch=True, reference_cache=True,
+                       description="TACC SLURM allocation (cluster/tacc/), one GPU per 8B trial")
     raise ValueError(f"profile = {name!r}; allowed values: {', '.join(PROFILE_NAMES)}")

@@ -71,3 +71,43 @@ def test_a_plain_model_keeps_trls_toggle(tiny_model):
     with checkpointing_left_on(model):
         assert model.is_gradient_checkpointing
     assert "is_gradient_checkpointing" not in vars(model)
+
+
+@pytest.mark.parametrize("method", ["dpo", "cita"])
+def test_shared_reference_cache_trains_as_the_in_step_pass_and_is_reused(tiny_model, method, tmp_path,
+                                                                          monkeypatch):
+    """trainer.precompute_ref_log_probs: the reference log-probs come from a cache keyed by model, precision and
+    training set (trainables/reference.py). The losses match the in-step reference pass; a trial of another seed
+    reads the cache without computing; another training set computes its own."""
+    from trainables import reference
+    from trainables.config import TrialConfig
+    from trainables.trial import prepare
+
+    monkeypatch.setattr(reference, "cache_root", lambda: tmp_path / "cache")
+    outcomes = []
+    real_attach = reference.attach
+    monkeypatch.setattr(reference, "attach", lambda *a, **kw: outcomes.append(real_attach(*a, **kw)) or outcomes[-1])
+
+    def losses(workdir, **overrides):
+        cfg = TrialConfig(**tiny_trial(method=method, max_steps=3, **overrides))
+        trainer, _, _ = prepare(cfg, str(tmp_path / workdir))
+        assert trainer.precompute_ref_logps is bool(cfg.trainer.get("precompute_ref_log_probs"))
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    cached = {"trainer": {"precompute_ref_log_probs": True}}
+    assert losses("cached", **cached) == pytest.approx(losses("in-step"), rel=1e-5, abs=1e-7)
+    assert outcomes == ["miss"]
+    files = sorted((tmp_path / "cache" / "reference_logps").glob("*.parquet"))
+    assert len(files) == 1
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("a cache hit computes nothing")
+
+    monkeypatch.setattr(reference, "compute", no_pass)
+    losses("other-seed", seed=11, **cached)
+    assert outcomes == ["miss", "hit"]
+    monkeypatch.undo()
+    monkeypatch.setattr(reference, "cache_root", lambda: tmp_path / "cache")
+    losses("more-pairs", n_train=24, **cached)  # another training set: its own entry
+    assert len(sorted((tmp_path / "cache" / "reference_logps").glob("*.parquet"))) == 2

@@ -569,3 +569,21 @@ def test_padding_from_the_profile_changes_how_a_trial_runs_not_its_key(runs, tin
     by_label = {r.data.tags["config_label"]: r.data.tags for r in client.search_runs([exp])}
     assert by_label["a"]["exec_pad_to_multiple_of"] == "64" and "exec_pad_to_multiple_of" not in by_label["b"]
     assert by_label["a"]["trial_key"] == TrialConfig(**tiny_trial(method="dpo")).trial_key
+
+
+def test_reference_cache_is_execution_only_and_for_pair_methods(runs, tiny_model, tmp_path, monkeypatch):
+    """A profile's reference_cache turns the shared reference log-probs on for DPO/CITA trials (not SFT, whose
+    trainer has no such knob), tagged; the trial key stays the config's."""
+    from trainables import reference, tracking
+    from trainables.trial import run_trial
+
+    monkeypatch.setattr(reference, "cache_root", lambda: tmp_path / "cache")
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    for method in ("dpo", "sft"):
+        run_trial(tiny_trial(method=method), method, runs, exp, reference_cache=True)
+    by_label = {r.data.tags["config_label"]: r.data.tags for r in client.search_runs([exp])}
+    assert by_label["dpo"]["exec_precompute_ref_log_probs"] == "True"
+    assert "exec_precompute_ref_log_probs" not in by_label["sft"]
+    assert by_label["dpo"]["trial_key"] == TrialConfig(**tiny_trial(method="dpo")).trial_key
+    assert len(list((tmp_path / "cache" / "reference_logps").glob("*.parquet"))) == 1

@@ -18,9 +18,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from trainables import dpo, lora
+from trainables import dpo
 from trainables.config import TrialConfig
-from trainables.training_args import trl_args
 
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
 
@@ -77,9 +76,5 @@ def _trainer_class():
 
 
 def build_trainer(cfg: TrialConfig, model, tokenizer, train_ds, output_dir: str, callbacks=()):
-    from trl import DPOConfig
-
-    args = trl_args(cfg, DPOConfig, output_dir, beta=cfg.beta)
-    return _trainer_class()(model=model, ref_model=None, args=args, train_dataset=train_ds,
-                            processing_class=tokenizer, callbacks=list(callbacks), peft_config=lora.peft_config(cfg),
-                            lambda_kl=cfg.lambda_kl, anchor=cfg.cita_anchor)
+    return dpo.build_pair_trainer(_trainer_class(), cfg, model, tokenizer, train_ds, output_dir, callbacks,
+                                  lambda_kl=cfg.lambda_kl, anchor=cfg.cita_anchor)

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import inspect
 
-from trainables import lora
+from trainables import lora, reference
 from trainables.config import TrialConfig
 from trainables.training_args import trl_args
 
@@ -51,9 +51,22 @@ def trainer_class():
     return ReferencePassTrainer
 
 
-def build_trainer(cfg: TrialConfig, model, tokenizer, train_ds, output_dir: str, callbacks=()):
+def build_pair_trainer(trainer_cls, cfg: TrialConfig, model, tokenizer, train_ds, output_dir: str, callbacks=(),
+                       args_kwargs=None, **trainer_kwargs):
+    """A DPO-family TRL trainer (DPO, CITA) with the adapter from `peft_config`. With the trial's
+    `trainer.precompute_ref_log_probs`, the reference log-probs come from the cache shared across trials
+    (trainables/reference.py) instead of TRL's per-trial pass over the whole training set."""
     from trl import DPOConfig
 
-    args = trl_args(cfg, DPOConfig, output_dir, beta=cfg.beta, loss_type=["sigmoid"])
-    return trainer_class()(model=model, ref_model=None, args=args, train_dataset=train_ds,
-                           processing_class=tokenizer, callbacks=list(callbacks), peft_config=lora.peft_config(cfg))
+    args = trl_args(cfg, DPOConfig, output_dir, beta=cfg.beta, **(args_kwargs or {}))
+    shared_reference, args.precompute_ref_log_probs = args.precompute_ref_log_probs, False
+    trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                          callbacks=list(callbacks), peft_config=lora.peft_config(cfg), **trainer_kwargs)
+    if shared_reference:
+        reference.attach(trainer, cfg, args.precompute_ref_batch_size)
+    return trainer
+
+
+def build_trainer(cfg: TrialConfig, model, tokenizer, train_ds, output_dir: str, callbacks=()):
+    return build_pair_trainer(trainer_class(), cfg, model, tokenizer, train_ds, output_dir, callbacks,
+                              args_kwargs={"loss_type": ["sigmoid"]})

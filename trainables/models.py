@@ -27,7 +27,7 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     """Serialize the one-time conversion across concurrent trials (Ray runs several per machine)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
@@ -63,7 +63,7 @@ def embedded_model_dir() -> Path:
     out = cache_root() / "smollm2-135m-instruct-v2"  # v2: saved without GGUF's quantization_config
     if (out / "model.safetensors").exists():
         return out
-    with _file_lock(cache_root() / "smollm2.lock"):
+    with file_lock(cache_root() / "smollm2.lock"):
         if (out / "model.safetensors").exists():
             return out
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,7 +92,7 @@ def tiny_model_dir() -> Path:
     out = cache_root() / "tiny-random-llama"
     if (out / "model.safetensors").exists():
         return out
-    with _file_lock(cache_root() / "tiny.lock"):
+    with file_lock(cache_root() / "tiny.lock"):
         if (out / "model.safetensors").exists():
             return out
         import torch

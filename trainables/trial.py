@@ -205,7 +205,7 @@ def after_oom(attempt: TrialConfig, checkpointed: TrialConfig | None) -> TrialCo
 def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, parent_run_id: str | None = None,
               report: Callable[[dict], None] | None = None, threads: int | None = None,
               variant: str = "", gpu_share: float = 1.0, plan_micro_batch: bool = False,
-              pad_to_multiple_of: int | None = None, cudnn_attention: bool = True,
+              pad_to_multiple_of: int | None = None, cudnn_attention: bool = True, reference_cache: bool = False,
               callbacks=()) -> dict[str, float]:
     """Run one trial, filed as an MLflow child run. A failure is recorded on the run, then re-raised.
 
@@ -213,7 +213,9 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     micro-batch and checkpointing the memory planner picks for that share (`memory.plan`), at the same effective
     batch. pad_to_multiple_of: pad batches to a multiple of this many tokens unless the config's trainer knobs say
     (fewer shapes for cuDNN's attention graphs; the loss is the same). cudnn_attention=False: SDPA without cuDNN's
-    kernels, for this process (no graph builds per shape). These change how the trial runs, not its key.
+    kernels, for this process (no graph builds per shape). reference_cache: DPO/CITA read the reference log-probs
+    from the cache shared across trials (trainables/reference.py) unless the config's trainer knobs say. These
+    change how the trial runs, not its key.
     callbacks: more transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
     global _trials_in_this_process
     started = time.perf_counter()
@@ -238,7 +240,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     _trials_in_this_process += 1
     _this_thread.trials = thread_trials + 1
     metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch,
-                            pad_to_multiple_of, callbacks)
+                            pad_to_multiple_of, reference_cache, callbacks)
     _freeze_once()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
@@ -246,13 +248,19 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
 
 
 def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, pad_to_multiple_of,
-                  callbacks) -> dict:
+                  reference_cache, callbacks) -> dict:
     """The trial's attempts: OOM in training retries as `after_oom` says."""
     attempt, checkpointed, retries = cfg, None, 0
     try:
-        if pad_to_multiple_of and "pad_to_multiple_of" not in cfg.trainer:
-            attempt = cfg.model_copy(update={"trainer": {**cfg.trainer, "pad_to_multiple_of": pad_to_multiple_of}})
-            tracking.set_tags(client, run_id, {"exec_pad_to_multiple_of": pad_to_multiple_of})
+        execution = {}  # trainer knobs that change how the trial runs, not its result (the config's own win)
+        if pad_to_multiple_of:
+            execution["pad_to_multiple_of"] = pad_to_multiple_of
+        if reference_cache and cfg.method in ("dpo", "cita"):
+            execution["precompute_ref_log_probs"] = True
+        execution = {k: v for k, v in execution.items() if k not in cfg.trainer}
+        if execution:
+            attempt = cfg.model_copy(update={"trainer": {**cfg.trainer, **execution}})
+            tracking.set_tags(client, run_id, {f"exec_{k}": v for k, v in execution.items()})
         if plan_micro_batch:
             attempt, checkpointed = _planned(attempt, gpu_share, client, run_id)
         while True:
