@@ -760,7 +760,8 @@ def run_planner_case(case, env, a) -> dict:
         m0, t0 = allocated(), time.perf_counter()
         trainer, logger, run_id = build_trainable(cfg, ds, env)
         notes.append(f"trainable built in {time.perf_counter() - t0:.1f} s (model load, adapter, trainer; with "
-                     "trainer.precompute_ref_log_probs, the reference pass over the whole dataset)")
+                     "trainer.precompute_ref_log_probs, the shared reference cache: read, or computed over the whole "
+                     "dataset on a miss)")
         side = Side("trainable", trainer, allocated() - m0)
         Interleaver({"trainable": side}, [("trainable", steps_total)]).run()
         env.client.set_terminated(run_id, "FINISHED" if side.error is None else "FAILED")
