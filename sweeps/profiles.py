@@ -37,8 +37,8 @@ class Profile:
     # 582 unpadded (BENCHMARKS.md, 2026-11-24 evening). The `gpu` and 8B profiles leave it off: not measured there.
     pad_to_multiple_of: int | None = None
     # False: SDPA without cuDNN's attention kernels (execution only: same trial key), whose graphs are built per
-    # batch shape and per thread on the CPU. The local GPU profile's 16 packed SmolLM2 trials without them: 733
-    # trials/h against 506, warm step 1 0.8 s against 3.8 (BENCHMARKS.md, 2026-11-24 midday; bench/packing.py
+    # batch shape and per thread on the CPU. The local GPU profile's 16 packed SmolLM2 trials without them: warm
+    # step 1 0.8 s against 3.8 (median), ~+12% trials/h (BENCHMARKS.md, 2026-11-24 midday; bench/packing.py
     # --mode packed packed-no-cudnn). The 8B profiles keep them: not measured there.
     cudnn_attention: bool = True
     # DPO/CITA trials read the reference log-probs from a cache shared by the trials of one model, precision and
