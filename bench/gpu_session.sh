@@ -48,8 +48,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 step ray-thread-probe 300 python bench/ray_thread_probe.py
 # Packed warm first step 6.2 s (2026-11-24 late morning): 12 of 20 warm trials, DPO/CITA meeting the pair shapes
 # in step 1, spent 2.2-2.7 s of thread CPU there. cuDNN's attention builds a graph per shape and thread; without
-# cuDNN's kernels SDPA builds none. Both sweeps back to back on one VM.
-step packing-cudnn 1000 python bench/packing.py --mode packed packed-no-cudnn --gpus 1 --packed-seeds 3 \
+# cuDNN's kernels SDPA builds none, the local profile's default since 2026-11-24 midday (step 1 3.8 -> 0.8 s).
+# The control with cuDNN, then the default, back to back on one VM (run after another sweep: the VM's first
+# sweep pays a minute of one-time startup).
+step packing-cudnn 1000 python bench/packing.py --mode packed-cudnn packed --gpus 1 --packed-seeds 3 \
                      --results "$RESULTS/packing-cudnn.jsonl" --bench-file "$ADD"
 # The planner's estimate is within 15% except SmolLM2 sft-nf4 (-12 to -18%, ~50 MiB): what is live at its peak.
 step memory-peak 300 python bench/memory_peak.py --shape smollm2 --cases sft-nf4 sft-bf16 cita-nf4
@@ -65,8 +67,6 @@ step planner-choice 1500 bash -c 'for c in on auto; do python bench/trainable_vs
 step planner-precompute 900 bash -c 'for i in 1 2; do python bench/trainable_vs_trl.py --planner --cases dpo-bf16 \
                      --bench-file '"$ADD"' --trainable-set trainer.precompute_ref_log_probs=true; done'
 step planner-dpo 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD"
-step planner-dpo-precompute 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD" \
-                     --trainable-set trainer.precompute_ref_log_probs=true
 step planner-dpo-nockpt 600 python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --bench-file "$ADD" \
                      --trainable-set gradient_checkpointing=false
 # Without checkpointing the 8B step is ~17% faster at micro-batch 4 (2026-11-24 09:35: 2.28 s against 2.74 s at

@@ -116,8 +116,8 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
         raise SystemExit("bench/packing.py measures GPU packing: no CUDA GPU here")
     if mode.startswith("per-gpu"):
         profile = dataclasses.replace(profile, gpus_per_trial=1, pack_by_memory=False)
-    if mode == "packed-no-cudnn":
-        profile = dataclasses.replace(profile, cudnn_attention=False)
+    if mode == "packed-cudnn":  # the control: the local profile runs SDPA without cuDNN since 2026-11-24
+        profile = dataclasses.replace(profile, cudnn_attention=True)
     spec = Spec.load(multi_seed.spec(profile))
     spec.study = f"bench-packing-{mode}-{gpus}gpu-{time.strftime('%Y%m%d-%H%M%S')}"
     spec.seeds = seeds
@@ -210,7 +210,7 @@ def section(rows: list[dict], command: str) -> str:
                      f"{r['gpu_util_mean']:.0f} | {r['machine']} |")
     ratios = []
     per_gpu = latest.get(("per-gpu", 1))
-    for mode in ("packed", "packed-mps", "packed-no-cudnn"):
+    for mode in ("packed", "packed-mps", "packed-cudnn"):
         one, two = latest.get((mode, 1)), latest.get((mode, 2))
         if per_gpu and one:
             x = one["trials_per_hour"] / per_gpu["trials_per_hour"]
@@ -336,7 +336,7 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", nargs="+",
-                    choices=["per-gpu", "per-gpu-new-thread", "packed", "packed-mps", "packed-no-cudnn"],
+                    choices=["per-gpu", "per-gpu-new-thread", "packed", "packed-mps", "packed-cudnn"],
                     default=["per-gpu", "packed"])
     ap.add_argument("--scaling", type=int, nargs="+", metavar="N",
                     help="instead of sweeps: N processes training at once (no Ray), for each N given")

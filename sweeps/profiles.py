@@ -26,15 +26,16 @@ class Profile:
     description: str = ""
     # Memory planner (trainables/memory.py). pack_by_memory: each trial's GPU share is the smallest 1/k of a GPU
     # that holds its estimated peak (CPUs per trial then bound how many run at once). plan_micro_batch: a trial
-    # trains at the largest micro-batch its share holds, same effective batch, checkpointing off where that fits and
-    # is predicted clearly faster (trainables.memory.plan; execution only: same trial key).
+    # trains at the largest micro-batch its share holds, same effective batch, checkpointing fewer layers or none
+    # where that fits and is predicted clearly faster (trainables.memory.plan; execution only: same trial key).
     pack_by_memory: bool = False
     plan_micro_batch: bool = False
     gpu_mem_gib: float | None = None          # memory of one GPU for packing; None = this machine's GPU 0
     # Batches padded to a multiple of this many tokens (execution only: same loss, same trial key; a spec's
     # trainer.pad_to_multiple_of wins). cuDNN builds attention graphs per batch shape, 50-80 ms each per thread,
     # which costs a 135M model more than the padding: the local GPU profile's packed sweep ran 785 trials/h against
-    # 582 unpadded (BENCHMARKS.md, 2026-11-24 evening). The `gpu` and 8B profiles leave it off: not measured there.
+    # 582 unpadded (BENCHMARKS.md, 2026-11-24 evening; with cuDNN's attention, on by then). The `gpu` and 8B
+    # profiles leave it off: not measured there.
     pad_to_multiple_of: int | None = None
     # False: SDPA without cuDNN's attention kernels (execution only: same trial key), whose graphs are built per
     # batch shape and per thread on the CPU. The local GPU profile's 16 packed SmolLM2 trials without them: warm
@@ -42,9 +43,10 @@ class Profile:
     # --mode packed packed-no-cudnn). The 8B profiles keep them: not measured there.
     cudnn_attention: bool = True
     # DPO/CITA trials read the reference log-probs from a cache shared by the trials of one model, precision and
-    # training set on a machine (trainables/reference.py; execution only). It computes them once for the whole
-    # training set: worth it where more trials share one than the set holds steps' worth of pairs (the study's
-    # matrix: 12 DPO/CITA trials of 2,400 pairs each per precision, against 10,813 pairs computed once).
+    # training set (trainables/reference.py; execution only), under ALIGNSWEEP_CACHE: per machine, unless that is
+    # on storage the nodes share. It computes them once for the whole training set: worth it where the trials
+    # sharing one train on more pairs than the set holds (the study's matrix: 12 DPO/CITA trials of 2,400 pairs each
+    # per precision, against 10,813 pairs computed once, when they run on one machine or share the cache).
     reference_cache: bool = False
 
     @property

@@ -111,3 +111,6 @@ def test_shared_reference_cache_trains_as_the_in_step_pass_and_is_reused(tiny_mo
     monkeypatch.setattr(reference, "cache_root", lambda: tmp_path / "cache")
     losses("more-pairs", n_train=24, **cached)  # another training set: its own entry
     assert len(sorted((tmp_path / "cache" / "reference_logps").glob("*.parquet"))) == 2
+    # the same tokens truncated shorter by the collator (max_prompt_length, hence the prompts, unchanged): its own
+    losses("shorter", max_length=100, **cached)
+    assert len(sorted((tmp_path / "cache" / "reference_logps").glob("*.parquet"))) == 3

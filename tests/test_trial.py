@@ -581,9 +581,10 @@ def test_reference_cache_is_execution_only_and_for_pair_methods(runs, tiny_model
     client = tracking.client(runs)
     exp = tracking.ensure_experiment(client, "t")
     for method in ("dpo", "sft"):
-        run_trial(tiny_trial(method=method), method, runs, exp, reference_cache=True)
+        run_trial(tiny_trial(method=method), method, runs, exp, reference_cache=True, cudnn_attention=False)
     by_label = {r.data.tags["config_label"]: r.data.tags for r in client.search_runs([exp])}
-    assert by_label["dpo"]["exec_precompute_ref_log_probs"] == "True"
+    assert by_label["dpo"]["exec_precompute_ref_log_probs"] == "True" and by_label["dpo"]["reference_cache"] == "miss"
+    assert by_label["sft"]["exec_cudnn_attention"] == "false" and "reference_cache" not in by_label["sft"]
     assert "exec_precompute_ref_log_probs" not in by_label["sft"]
     assert by_label["dpo"]["trial_key"] == TrialConfig(**tiny_trial(method="dpo")).trial_key
     assert len(list((tmp_path / "cache" / "reference_logps").glob("*.parquet"))) == 1

@@ -80,7 +80,7 @@ class TrialConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     lr_scheduler: str = "linear"
     optim: str = "adamw_torch"
-    gradient_checkpointing: bool = True  # True: cluster profiles' planner may turn it off (same loss, faster)
+    gradient_checkpointing: bool = True  # True: cluster profiles' planner may checkpoint fewer layers or none
     beta: float = Field(0.1, gt=0)       # DPO and CITA temperature
     lambda_kl: float = Field(0.01, ge=0)  # CITA anchor weight
     cita_anchor: Literal["seq_kl", "none"] = "seq_kl"
@@ -96,8 +96,8 @@ class TrialConfig(_Strict):
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
         if "gradient_checkpointing" in self.trainer:  # the planner reads the field, not the trainer knob
             raise ValueError("trainer.gradient_checkpointing: set the trial's `gradient_checkpointing` instead (the "
-                             "memory planner may turn it off where that fits and is faster, tagged "
-                             "exec_gradient_checkpointing)")
+                             "memory planner may checkpoint fewer layers or none where that fits and is faster, "
+                             "tagged exec_gradient_checkpointing)")
         every_n = (self.trainer.get("gradient_checkpointing_kwargs") or {}).get("every_n_layers", 1)
         if not isinstance(every_n, int) or isinstance(every_n, bool) or every_n < 1:
             raise ValueError(f"trainer.gradient_checkpointing_kwargs.every_n_layers = {every_n!r}: a whole number >= 1 "

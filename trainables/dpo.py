@@ -63,7 +63,8 @@ def build_pair_trainer(trainer_cls, cfg: TrialConfig, model, tokenizer, train_ds
     trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=train_ds, processing_class=tokenizer,
                           callbacks=list(callbacks), peft_config=lora.peft_config(cfg), **trainer_kwargs)
     if shared_reference:
-        reference.attach(trainer, cfg, args.precompute_ref_batch_size)
+        trainer.reference_cache = reference.attach(trainer, cfg, args.precompute_ref_batch_size)
+        args.precompute_ref_log_probs = True  # what the trainer does (TRL reads the argument only when built)
     return trainer
 
 

@@ -333,7 +333,9 @@ def checkpointed_layers(cfg: TrialConfig, shape: ModelShape) -> int:
 
 def with_checkpointing(cfg: TrialConfig, every_n: int | None) -> TrialConfig:
     """cfg checkpointing every `every_n`-th layer (1: all of them), or none (None). Execution only: the loss is the
-    same (tests/test_trial.py), so the trial's key stays."""
+    same (tests/test_trial.py), so the trial's key stays. The n stays in the trainer's gradient_checkpointing_kwargs:
+    TRL's reference pass would re-enable checkpointing with them on every layer, which trainables/dpo.py's
+    `checkpointing_left_on` keeps it from doing (TRL's toggle runs only for a model that is not a PeftModel)."""
     kwargs = {k: v for k, v in (cfg.trainer.get("gradient_checkpointing_kwargs") or {}).items()
               if k != "every_n_layers"}
     if every_n is not None and every_n > 1:
@@ -375,10 +377,10 @@ class Plan:
 # DPO without it at micro-batch 4 0.83x (same VM; the model says 0.82), at 1 1.10x (model 1.27); SFT without it at
 # 4 0.79x and at 8 0.72x (model 0.79, 0.67), at 2 1.14x (model 1.03). A rough model, to choose between a few plans,
 # not to predict times; so checkpointing fewer layers than all is chosen only for a clear predicted gain
-# (CHECKPOINTING_OFF_GAIN): DPO without it at micro-batch 2 read 0.93x, across two VMs that differed by more than
+# (LESS_CHECKPOINTING_GAIN): DPO without it at micro-batch 2 read 0.93x, across two VMs that differed by more than
 # that (model 0.97).
 SATURATION_TOKENS = 1800
-CHECKPOINTING_OFF_GAIN = 0.10
+LESS_CHECKPOINTING_GAIN = 0.10
 
 
 def flops_per_token(cfg: TrialConfig, shape: ModelShape) -> tuple[float, float]:
@@ -435,7 +437,7 @@ def plan_options(cfg: TrialConfig, shape: ModelShape, budget_bytes: int,
 
 def plan(cfg: TrialConfig, shape: ModelShape, budget_bytes: int, max_micro_batch: int | None = None) -> Plan:
     """Of `plan_options`, the most checkpointed one, unless one recomputing fewer layers is predicted faster by at
-    least CHECKPOINTING_OFF_GAIN (`relative_step_time`) at no less than half its micro-batch: then the fastest
+    least LESS_CHECKPOINTING_GAIN (`relative_step_time`) at no less than half its micro-batch: then the fastest
     such. The half guards the model's weak side: it takes sequences at max_length, and real batches are shorter,
     which under-uses small micro-batches more than it predicts."""
     options = plan_options(cfg, shape, budget_bytes, max_micro_batch)
@@ -451,7 +453,7 @@ def plan(cfg: TrialConfig, shape: ModelShape, budget_bytes: int, max_micro_batch
         return relative_step_time(p.config, shape)
 
     faster = [p for p in others if 2 * p.micro_batch >= base.micro_batch
-              and time(p) <= (1 - CHECKPOINTING_OFF_GAIN) * time(base)]
+              and time(p) <= (1 - LESS_CHECKPOINTING_GAIN) * time(base)]
     return replace(min(faster, key=time), fallback=base) if faster else base
 
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -28,7 +30,9 @@ COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def cache_key(trainer, cfg) -> str:
-    """What the reference log-probs of the trainer's (tokenized) training set depend on."""
+    """What the reference log-probs of the trainer's (tokenized) training set depend on: the weights, the precision,
+    the pairs' tokens (template, tokenizer and prompt truncation are in them) and how TRL's collator and
+    reference pass treat them (truncation to max_length, ld_alpha's weighting)."""
     import trl
     import transformers
 
@@ -37,7 +41,8 @@ def cache_key(trainer, cfg) -> str:
     weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors")) \
         if path.is_dir() else []
     parts = [cfg.model, getattr(model.config, "_commit_hash", None), weights, cfg.precision,
-             tokens_hash(trainer.train_dataset), trl.__version__, transformers.__version__, torch.__version__,
+             tokens_hash(trainer.train_dataset), trainer.args.max_length, trainer.args.truncation_mode,
+             trainer.args.ld_alpha, trl.__version__, transformers.__version__, torch.__version__,
              str(trainer.accelerator.device.type)]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
@@ -72,9 +77,10 @@ def attach(trainer, cfg, batch_size: int | None = None) -> str:
             outcome = "miss"
             started = time.perf_counter()
             chosen, rejected = compute(trainer, batch_size or cfg.micro_batch)
-            tmp = path.with_suffix(".tmp")
+            # a name of its own: on storage that nodes share, the lock may not hold across them
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
             pq.write_table(pa.table({COLUMNS[0]: chosen.numpy(), COLUMNS[1]: rejected.numpy()}), tmp)
-            tmp.rename(path)
+            os.replace(tmp, path)
             print(f"reference log-probs: {len(chosen)} pairs in {time.perf_counter() - started:.1f} s, cached as "
                   f"{path.name}", flush=True)
     logps = Dataset(pq.read_table(path))
@@ -94,7 +100,7 @@ def compute(trainer, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     loader = DataLoader(trainer.train_dataset, batch_size=batch_size, collate_fn=trainer.data_collator,
                         shuffle=False, num_workers=0)
     chosen, rejected = [], []
-    for batch in loader:  # train mode, as the in-step pass (the base model of a Llama has no dropout)
+    for batch in loader:  # in the model's mode as built (eval); TRL disables dropout in DPO's model anyway
         batch = {k: v.to(trainer.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         c, r = trainer.compute_ref_log_probs(trainer.model, batch)
         chosen.append(c.float().cpu())

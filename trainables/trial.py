@@ -2,7 +2,7 @@
 
 `run_trial` is what Ray Tune calls on a worker (through sweeps.runner); it is a plain function, so tests and
 notebooks can call it directly too. A trial whose training runs out of GPU memory is retried in the same
-MLflow run (`after_oom`): at the planner's checkpointed plan if the planner had turned checkpointing off, then
+MLflow run (`after_oom`): at the planner's plan checkpointing every layer if it had planned fewer, then
 with half the micro-batch and twice the accumulation (same effective batch), down to micro-batch 1.
 """
 from __future__ import annotations
@@ -304,7 +304,8 @@ def plan_text(cfg: TrialConfig) -> str:
 
 def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> tuple[TrialConfig, TrialConfig | None]:
     """The config at the memory planner's micro-batch and checkpointing for this trial's share of the GPU, and,
-    where the plan turned checkpointing off, the planner's checkpointed plan (the fallback on OOM)."""
+    where the plan checkpoints fewer layers than all, the planner's plan checkpointing all (the fallback on OOM:
+    it needs far less activation memory, even at a larger micro-batch)."""
     if not torch.cuda.is_available():  # CPU trials train as configured
         return cfg, None
     budget = int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory * gpu_share)
@@ -320,6 +321,8 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
     grit_controller = []
 
     def attach_adapter_extras(trainer):
+        if getattr(trainer, "reference_cache", None):  # trainables/reference.py: "hit" or "miss" (its pass is
+            client.set_tag(run_id, "reference_cache", trainer.reference_cache)  # in time/setup_s)
         if cfg.adapter == "grit":
             from trainables import grit
             grit_controller.append(grit.attach(trainer, cfg.grit))
