@@ -51,9 +51,9 @@ spec="$repo"
 node_ip="${ALIGNSWEEP_NODE_IP:-$("$venv/bin/python" -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect(("10.255.255.255", 1)); print(s.getsockname()[0])')}"
 if [ "$role" = head ]; then head_ip="$node_ip"; else head_ip="${RAY_HEAD_IP:?RAY_HEAD_IP is set by Ray for worker setup commands}"; fi
 if [ -n "$shared" ]; then
-  storage="$shared/ray_results"; hf_home="$shared/hf"
+  storage="$shared/ray_results"; hf_home="$shared/hf"; cache="$shared/alignsweep-cache"
 else
-  storage="$HOME/ray_results"; hf_home="$HOME/.cache/huggingface"
+  storage="$HOME/ray_results"; hf_home="$HOME/.cache/huggingface"; cache="$HOME/.cache/alignsweep"
 fi
 store="${ALIGNSWEEP_STORE:-${shared:-$HOME}/alignsweep-store}"
 
@@ -66,10 +66,11 @@ export ALIGNSWEEP_STORE=$store
 export MLFLOW_TRACKING_URI=http://$head_ip:$mlflow_port
 export ALIGNSWEEP_STORAGE=$storage
 export HF_HOME=$hf_home
+export ALIGNSWEEP_CACHE=$cache
 export RAY_AUTH_MODE=token
 EOF
 grep -q alignsweep_env "$HOME/.bashrc" 2>/dev/null || echo '[ -f ~/.alignsweep_env ] && . ~/.alignsweep_env' >>"$HOME/.bashrc"
-mkdir -p "$storage" "$hf_home"
+mkdir -p "$storage" "$hf_home" "$cache"
 
 if [ "$role" = head ]; then
   # Ray token authentication. The head makes the token (~/.ray/auth_token);

@@ -48,7 +48,9 @@ root="${ALIGNSWEEP_ROOT:-${SCRATCH:?neither ALIGNSWEEP_ROOT nor SCRATCH is set}/
 export ALIGNSWEEP_STORAGE="${ALIGNSWEEP_STORAGE:-$root/ray_results}"
 export ALIGNSWEEP_STORE="${ALIGNSWEEP_STORE:-$root/mlflow}"
 export HF_HOME="${HF_HOME:-$root/hf}"
-mkdir -p "$ALIGNSWEEP_STORAGE" "$ALIGNSWEEP_STORE" "$HF_HOME"
+# converted models, tokenized datasets, reference log-probs (trainables/reference.py): shared by all nodes
+export ALIGNSWEEP_CACHE="${ALIGNSWEEP_CACHE:-$root/cache}"
+mkdir -p "$ALIGNSWEEP_STORAGE" "$ALIGNSWEEP_STORE" "$HF_HOME" "$ALIGNSWEEP_CACHE"
 
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head="${nodes[0]}"
@@ -72,6 +74,7 @@ gpu_flag=()
 echo "alignsweep job $SLURM_JOB_ID: ${#nodes[@]} node(s), head $head ($head_ip)"
 echo "  RAY_ADDRESS=$RAY_ADDRESS MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI"
 echo "  ALIGNSWEEP_STORAGE=$ALIGNSWEEP_STORAGE ALIGNSWEEP_STORE=$ALIGNSWEEP_STORE HF_HOME=$HF_HOME"
+echo "  ALIGNSWEEP_CACHE=$ALIGNSWEEP_CACHE"
 
 study_pid="" step_pids=()
 cleanup() {
