@@ -43,3 +43,24 @@ def test_planned_micro_batch_keeps_the_effective_batch_and_the_estimate_holds(ru
     estimate = memory.trial_peak(TrialConfig(**cfg).model_copy(update={"micro_batch": micro}),
                                  memory.model_shape(tiny_model))
     assert metrics["sys/peak_gpu_mem_gib"] * 2**30 <= memory.required_bytes(estimate)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "nf4"])
+def test_shared_reference_log_probs_on_cuda(precision, runs, tiny_model, tmp_path, monkeypatch):
+    """The shared reference cache's pass under bf16 autocast on a GPU (trainables/reference.py): a DPO trial computes
+    it, a CITA trial of the same model, precision and data reads it, and both train and evaluate to finite values."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (this test is opt-in with -m gpu)")
+    import math
+
+    from trainables import reference
+
+    monkeypatch.setattr(reference, "cache_root", lambda: tmp_path / "cache")
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "gpu")
+    for method in ("dpo", "cita"):
+        metrics = run_trial(tiny_trial(method=method, precision=precision), method, runs, exp, reference_cache=True,
+                            cudnn_attention=False)
+        assert math.isfinite(metrics["eval/reward_margin"])
+    tags = {r.data.tags["config_label"]: r.data.tags for r in client.search_runs([exp])}
+    assert (tags["dpo"]["reference_cache"], tags["cita"]["reference_cache"]) == ("miss", "hit")
