@@ -141,7 +141,7 @@ def test_packing_samples_only_the_gpus_the_sweep_uses(tmp_path, monkeypatch):
     import packing
 
     fake = tmp_path / "nvidia-smi"  # answers like nvidia-smi for two GPUs unless --id narrows it, and logs its args
-    fake.write_text('#!/bin/sh\necho "$@" >> "$0.args"\ncase "$*" in *--id=0\ *) echo "100, 60";; '
+    fake.write_text('#!/bin/sh\necho "$@" >> "$0.args"\ncase "$*" in *--id=0\\ *) echo "100, 60";; '
                     '*) printf "100, 60\\n4, 0\\n";; esac\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
