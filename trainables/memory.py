@@ -250,7 +250,8 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
 
     layer = _layer_saved(cfg, shape, p, t, padded)
     mask = seqs * seq * seq if padded else 0
-    ckpt, kept = checkpointed_layers(cfg, shape), shape.layers - checkpointed_layers(cfg, shape)
+    ckpt = checkpointed_layers(cfg, shape)
+    kept = shape.layers - ckpt
     stored = ckpt * a * t * h + kept * layer + mask  # a checkpointed layer keeps its input only
     if p.lora_copy:  # the graph also keeps each kept layer's bf16 autocast cast of the fp32 LoRA weights
         stored += 2 * n_lora * kept // shape.layers
