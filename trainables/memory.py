@@ -268,7 +268,9 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
         mlp_bwd = max(mlp_bwd, (2 if p.base_saves_input else 1) * a * t * i + dequant)
     layer_bwd = mlp_bwd + 2 * a * t * h
 
-    scored = seqs * (seq - 1)  # worst case: every position has a label
+    # worst case: every position has a label. On a GPU TRL projects only the labelled positions (completions;
+    # trl/trainer/utils.py, `compact`), so with long prompts this is high: SmolLM2 cita-nf4 +28.7% (BENCHMARKS.md)
+    scored = seqs * (seq - 1)
     rows = min(scored, LM_TILE_TOKENS)
     logits = rows * LM_TILE_VOCAB * a
     if cfg.precision == "fp32":
