@@ -49,6 +49,12 @@ class Profile:
     # per precision, against 10,813 pairs computed once, when they run on one machine or share the cache).
     reference_cache: bool = False
 
+    def execution(self) -> dict[str, Any]:
+        """What this profile changes in how each trial runs, not in what it is: trainables.trial.run_trial's
+        keyword arguments."""
+        return {"plan_micro_batch": self.plan_micro_batch, "pad_to_multiple_of": self.pad_to_multiple_of,
+                "cudnn_attention": self.cudnn_attention, "reference_cache": self.reference_cache}
+
     @property
     def cuda(self) -> bool:
         return self.gpus_per_trial > 0

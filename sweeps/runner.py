@@ -89,9 +89,7 @@ def _tune_trainable(params: dict, context: dict):
     def trial():
         run_trial(params["config"], params["label"], context["tracking_uri"], context["experiment_id"],
                   context["parent_run_id"], report=tune.report, threads=context["threads"], variant=params["variant"],
-                  gpu_share=params["gpu_share"], plan_micro_batch=context["plan_micro_batch"],
-                  pad_to_multiple_of=context["pad_to_multiple_of"], cudnn_attention=context["cudnn_attention"],
-                  reference_cache=context["reference_cache"])
+                  gpu_share=params["gpu_share"], **context["execution"])
 
     if os.environ.get("ALIGNSWEEP_THREAD_PER_TRIAL") == "1":
         trial()
@@ -185,9 +183,7 @@ def run_sweep(spec: Spec, profile: Profile, *, address: str | None = None, track
     try:
         result.failed = _fit(todo, shares, profile, address, storage, {
             "tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": result.parent_run_id,
-            "threads": max(1, int(profile.cpus_per_trial)), "plan_micro_batch": profile.plan_micro_batch,
-            "pad_to_multiple_of": profile.pad_to_multiple_of, "cudnn_attention": profile.cudnn_attention,
-            "reference_cache": profile.reference_cache},
+            "threads": max(1, int(profile.cpus_per_trial)), "execution": profile.execution()},
             spec.study, max_concurrent)
         status = "FINISHED"
     finally:  # an interrupted sweep still closes its parent run; finished trials stay and are skipped next time

@@ -329,6 +329,11 @@ def every_n_layers(cfg: TrialConfig) -> int:
     return int((cfg.trainer.get("gradient_checkpointing_kwargs") or {}).get("every_n_layers", 1))
 
 
+def checkpoint_every(cfg: TrialConfig) -> int:
+    """The n of every_n_layers as the trial runs: 1 every layer, 0 none."""
+    return every_n_layers(cfg) if cfg.gradient_checkpointing else 0
+
+
 def checkpointed_layers(cfg: TrialConfig, shape: ModelShape) -> int:
     """Decoder layers that keep only their input and recompute their forward in the backward."""
     return math.ceil(shape.layers / every_n_layers(cfg)) if cfg.gradient_checkpointing else 0

@@ -195,7 +195,7 @@ def after_oom(attempt: TrialConfig, checkpointed: TrialConfig | None) -> TrialCo
     """The next attempt after running out of memory, at the same effective batch, or None when nothing is left:
     the planner's plan checkpointing every layer (`checkpointed`) where it had planned fewer, else half the
     micro-batch, twice the accumulation."""
-    if checkpointed is not None and (not attempt.gradient_checkpointing or memory.every_n_layers(attempt) > 1):
+    if checkpointed is not None and memory.checkpoint_every(attempt) != 1:
         return checkpointed
     if attempt.micro_batch == 1:
         return None
@@ -268,9 +268,7 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
                                                "exec_grad_accum": attempt.grad_accum,
                                                "exec_gradient_checkpointing":
                                                    str(attempt.gradient_checkpointing).lower(),
-                                               "exec_checkpoint_every_n_layers":
-                                                   memory.every_n_layers(attempt) if attempt.gradient_checkpointing
-                                                   else 0})
+                                               "exec_checkpoint_every_n_layers": memory.checkpoint_every(attempt)})
             try:
                 metrics = _attempt(attempt, client, run_id, report, started, {"sys/oom_retries": retries},
                                    callbacks)
@@ -297,7 +295,7 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
 
 
 def plan_text(cfg: TrialConfig) -> str:
-    every_n = memory.every_n_layers(cfg) if cfg.gradient_checkpointing else 1
+    every_n = memory.checkpoint_every(cfg)
     return (f"micro_batch={cfg.micro_batch} grad_accum={cfg.grad_accum} gradient_checkpointing="
             f"{str(cfg.gradient_checkpointing).lower()}" + (f" every_n_layers={every_n}" if every_n > 1 else ""))
 
