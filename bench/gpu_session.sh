@@ -46,6 +46,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # 1.77 s median, all within 5 s; SDPA in step 1 0.16 s against 1.90 s with a thread per trial (same VM). Packed
 # (16 on a GPU) read 4.9 s median only with padded lengths, now the GPU profiles' default: re-check it with margin.
 step ray-thread-probe 300 python bench/ray_thread_probe.py
+# Packed warm first step: 4.9 / 5.2 s on two VMs (2026-11-24 midday), what is left being before step 1, where
+# nf4 trials spent 4.8-5.6 s against bf16's 3.2-3.4 (loading and quantizing the base model under 16-way packing). A
+# warm worker's trials now train on the base model its last trial left (trainables/warm_model.py): the control
+# without, then the default, back to back, after the embedded model's one-time conversion.
+step embedded-model 300 python -c "from trainables import models; print(models.embedded_model_dir())"
+step packing-reuse 1200 python bench/packing.py --mode packed-no-reuse packed --gpus 1 --packed-seeds 3 \
+                     --results "$RESULTS/packing-reuse.jsonl" --bench-file "$ADD"
 # Packed warm first step 6.2 s (2026-11-24 late morning): 12 of 20 warm trials, DPO/CITA meeting the pair shapes
 # in step 1, spent 2.2-2.7 s of thread CPU there. cuDNN's attention builds a graph per shape and thread; without
 # cuDNN's kernels SDPA builds none, the local profile's default since 2026-11-24 midday (step 1 3.8 -> 0.8 s).

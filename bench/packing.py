@@ -17,6 +17,8 @@ and utilization (nvidia-smi, once a second).
   the control for what that thread saves in a warm trial's first step.
 - packed-mps: the same under NVIDIA's Multi-Process Service (a private control daemon this script starts and
   stops), which lets the kernels of the packed trials' processes run concurrently instead of time-sliced.
+- packed-cudnn, packed-no-reuse: packed as the local profile ran before it turned cuDNN's attention off, and before
+  a warm worker's trials reused its base model (trainables/warm_model.py): the controls for those changes.
 --scaling N...: where packing loses time, without Ray or evaluation: N processes train the same trial's config at
 once on GPU 0 (after a common start barrier); aggregate optimizer steps/s against one process alone.
 Ratios are computed between the latest rows of one results file (`--results`, JSON lines; rows accumulate
@@ -118,6 +120,8 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
         profile = dataclasses.replace(profile, gpus_per_trial=1, pack_by_memory=False)
     if mode == "packed-cudnn":  # the control: the local profile runs SDPA without cuDNN since 2026-11-24
         profile = dataclasses.replace(profile, cudnn_attention=True)
+    if mode == "packed-no-reuse":  # the control: a warm worker's trials reuse its base model since 2026-11-24
+        profile = dataclasses.replace(profile, reuse_base_model=False)
     spec = Spec.load(multi_seed.spec(profile))
     spec.study = f"bench-packing-{mode}-{gpus}gpu-{time.strftime('%Y%m%d-%H%M%S')}"
     spec.seeds = seeds
@@ -157,6 +161,11 @@ def _run_mode(mode: str, gpus: int, seeds: list[int], cpus_per_gpu: int, overrid
         # where a warm trial's first-step time goes: everything before the first step, then the step itself
         "warm_before_step1_s": _median(values("time/before_first_step_s", warm_worker="true")),
         "warm_step1_s": _median(values("time/first_step_s", warm_worker="true")),
+        # warm trials on the base model their worker kept (trainables/warm_model.py) against those that loaded it
+        "warm_before_step1_s_by_base_model": {how: _median(values("time/before_first_step_s", warm_worker="true",
+                                                                  base_model=how)) for how in ("reused", "loaded")},
+        "warm_trials_by_base_model": {how: len(values("time/before_first_step_s", warm_worker="true", base_model=how))
+                                      for how in ("reused", "loaded")},
         "warm_step1_cpu_s": _median(values("time/first_step_cpu_s", warm_worker="true")),  # waited or worked
         "warm_step1_gc_s": _median(values("time/first_step_gc_s", warm_worker="true")),  # collections in step 1
         # each warm trial's step 1, in start order: label, worker pid, its trial number there; before step 1, step
@@ -210,7 +219,7 @@ def section(rows: list[dict], command: str) -> str:
                      f"{r['gpu_util_mean']:.0f} | {r['machine']} |")
     ratios = []
     per_gpu = latest.get(("per-gpu", 1))
-    for mode in ("packed", "packed-mps", "packed-cudnn"):
+    for mode in ("packed", "packed-mps", "packed-cudnn", "packed-no-reuse"):
         one, two = latest.get((mode, 1)), latest.get((mode, 2))
         if per_gpu and one:
             x = one["trials_per_hour"] / per_gpu["trials_per_hour"]
@@ -220,6 +229,12 @@ def section(rows: list[dict], command: str) -> str:
             x = two["trials_per_hour"] / one["trials_per_hour"]
             ratios.append(f"- 2 GPUs vs 1 ({mode}): **{x:.2f}x** trials/hour (target >= 1.9): "
                           f"{'PASS' if x >= 1.9 else 'FAIL'}")
+    for r in rows:
+        if r.get("warm_trials_by_base_model"):
+            n, s = r["warm_trials_by_base_model"], r["warm_before_step1_s_by_base_model"]
+            ratios.append(f"- {r['mode']} ({r['gpus']} GPU): warm trials' time before step 1, median: on the base model "
+                          f"their worker kept {s['reused']:.1f} s ({n['reused']}), loaded {s['loaded']:.1f} s "
+                          f"({n['loaded']})")
     # the control (Tune's thread per trial) is not how sweeps run
     warm = [r["first_step_s_warm"] for r in latest.values() if r["warm_trials"] and r["mode"] != "per-gpu-new-thread"]
     if warm:
@@ -336,7 +351,8 @@ def main():
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", nargs="+",
-                    choices=["per-gpu", "per-gpu-new-thread", "packed", "packed-mps", "packed-cudnn"],
+                    choices=["per-gpu", "per-gpu-new-thread", "packed", "packed-mps", "packed-cudnn",
+                             "packed-no-reuse"],
                     default=["per-gpu", "packed"])
     ap.add_argument("--scaling", type=int, nargs="+", metavar="N",
                     help="instead of sweeps: N processes training at once (no Ray), for each N given")

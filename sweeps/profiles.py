@@ -48,12 +48,16 @@ class Profile:
     # sharing one train on more pairs than the set holds (the study's matrix: 12 DPO/CITA trials of 2,400 pairs each
     # per precision, against 10,813 pairs computed once, when they run on one machine or share the cache).
     reference_cache: bool = False
+    # A reused worker's next trial of the same model and precision trains on the base model its last trial left,
+    # with a fresh adapter (trainables/warm_model.py; execution only: same losses, same trial key).
+    reuse_base_model: bool = True
 
     def execution(self) -> dict[str, Any]:
         """What this profile changes in how each trial runs, not in what it is: trainables.trial.run_trial's
         keyword arguments."""
         return {"plan_micro_batch": self.plan_micro_batch, "pad_to_multiple_of": self.pad_to_multiple_of,
-                "cudnn_attention": self.cudnn_attention, "reference_cache": self.reference_cache}
+                "cudnn_attention": self.cudnn_attention, "reference_cache": self.reference_cache,
+                "reuse_base_model": self.reuse_base_model}
 
     @property
     def cuda(self) -> bool:

@@ -64,3 +64,22 @@ def test_shared_reference_log_probs_on_cuda(precision, runs, tiny_model, tmp_pat
         assert math.isfinite(metrics["eval/reward_margin"])
     tags = {r.data.tags["config_label"]: r.data.tags for r in client.search_runs([exp])}
     assert (tags["dpo"]["reference_cache"], tags["cita"]["reference_cache"]) == ("miss", "hit")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "nf4", "int8"])
+def test_a_reused_base_model_on_cuda_trains_as_a_fresh_one(precision, runs, tiny_model):
+    """trainables/warm_model.py on quantized models: PEFT takes the adapter off bitsandbytes' layers, the weights'
+    checksums match, and the next trial on the kept model has a fresh load's losses (GPU kernels: to 1e-4)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (this test is opt-in with -m gpu)")
+    from tests.test_warm_model import trials_fresh_and_reused
+    from trainables import warm_model
+
+    try:
+        (losses, results), (losses_reused, results_reused) = trials_fresh_and_reused(
+            runs, tiny_trial(method="dpo", precision=precision, seed=3))
+    finally:
+        warm_model.drop()
+    assert losses_reused == pytest.approx(losses, rel=1e-4, abs=1e-6)
+    scored = ("eval/pref_accuracy", "eval/reward_margin", "eval/logp_margin")  # generations may part on a near tie
+    assert [results_reused[k] for k in scored] == pytest.approx([results[k] for k in scored], rel=1e-3, abs=1e-5)

@@ -47,6 +47,9 @@ def test_sweep_runs_trials_and_rerun_skips_finished(runs, tiny_model, ray_local)
     kids = _children(client, first.experiment_id)
     assert len(kids) == 6 and len({r.data.tags["trial_key"] for r in kids}) == 6
     assert "true" in {r.data.tags["warm_worker"] for r in kids if r.data.tags["seed"] != "1"}
+    # the profile's execution knobs reach the trials: a warm worker's trial trains on the base model it kept
+    assert all(r.data.tags["exec_reuse_base_model"] == "true" for r in kids)
+    assert "reused" in {r.data.tags["base_model"] for r in kids}
     # a worker ran all its trials on one lasting thread (its per-thread caches kept: sweeps.runner._TrialThread)
     assert all(r.data.tags["thread_trial"] == r.data.tags["worker_trial"] for r in kids), \
         [(r.data.tags["worker_trial"], r.data.tags["thread_trial"]) for r in kids]

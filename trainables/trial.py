@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from trainables import cita, data, dpo, evaluate, lora, memory, precision, sft, tracking
+from trainables import cita, data, dpo, evaluate, lora, memory, precision, sft, tracking, warm_model
 from trainables.config import TrialConfig
 from trainables.models import cache_root, load_tokenizer
 from trainables.stack_sampler import StackSampler
@@ -36,9 +36,11 @@ class TrainingOOM(RuntimeError):
     """Training (not evaluation) ran out of GPU memory: checkpointing or a smaller micro-batch may fit."""
 
 
-def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
+def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None, reuse_base_model: bool = False):
     """Seeded base model at precision + the method's TRL trainer with the adapter, ready to train (bench/ times this
-    too). `train_ds` replaces the config's data (already in TRL's format). Returns (trainer, tokenizer, held_out)."""
+    too). `train_ds` replaces the config's data (already in TRL's format). reuse_base_model: take the base model an
+    earlier trial in this process left (trainables/warm_model.py; `trainer.base_model` says "reused" or
+    "loaded"). Returns (trainer, tokenizer, held_out)."""
     from transformers import PrinterCallback, set_seed
 
     set_seed(cfg.seed)  # python, numpy, torch: SFT's LoRA init, data sampling (TRL re-seeds with it for DPO/CITA)
@@ -47,9 +49,10 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None):
     if train_ds is None:
         train_ds = data.cached_trl(train_raw, cfg.template, tokenizer, cfg.method, cache_root() / "trl_datasets",
                                    max_prompt_tokens=cfg.max_prompt_length)
-    model = precision.load_model(cfg)
+    model, reused = warm_model.take(cfg) if reuse_base_model else (precision.load_model(cfg), False)
     lora.check_targets(model, cfg)
     trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)
+    trainer.base_model = "reused" if reused else "loaded"
     trainer.remove_callback(PrinterCallback)  # metrics go to MLflow and Tune, not as dicts on stdout
     return trainer, tokenizer, held_out
 
@@ -144,14 +147,15 @@ def _step_clock(started: float, name: str = "trial"):
     return StepClock()
 
 
-def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=None, started: float | None = None):
+def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=None, started: float | None = None,
+                       reuse_base_model: bool = False):
     """Train one config and evaluate it; returns (model, tokenizer, items, metrics, global_step).
 
     metrics include time/* seconds per phase (setup, train, eval) and the step clock's (see `_step_clock`), so
     per-trial overhead is measured."""
     clock = time.perf_counter()
     steps = _step_clock(started if started is not None else clock, f"{cfg.method}-{cfg.adapter}-{cfg.precision}")
-    trainer, tokenizer, held_out = prepare(cfg, workdir, [*callbacks, steps])
+    trainer, tokenizer, held_out = prepare(cfg, workdir, [*callbacks, steps], reuse_base_model=reuse_base_model)
     if on_trainer is not None:
         on_trainer(trainer)
     phases = {"time/setup_s": time.perf_counter() - clock}
@@ -206,7 +210,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
               report: Callable[[dict], None] | None = None, threads: int | None = None,
               variant: str = "", gpu_share: float = 1.0, plan_micro_batch: bool = False,
               pad_to_multiple_of: int | None = None, cudnn_attention: bool = True, reference_cache: bool = False,
-              callbacks=()) -> dict[str, float]:
+              reuse_base_model: bool = False, callbacks=()) -> dict[str, float]:
     """Run one trial, filed as an MLflow child run. A failure is recorded on the run, then re-raised.
 
     gpu_share: the fraction of the GPU this trial was given (Ray's fractional GPU). plan_micro_batch: train at the
@@ -214,8 +218,9 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     batch. pad_to_multiple_of: pad batches to a multiple of this many tokens unless the config's trainer knobs say
     (fewer shapes for cuDNN's attention graphs; the loss is the same). cudnn_attention=False: SDPA without cuDNN's
     kernels, for this process (no graph builds per shape). reference_cache: DPO/CITA read the reference log-probs
-    from the cache shared across trials (trainables/reference.py) unless the config's trainer knobs say. These
-    change how the trial runs, not its key.
+    from the cache shared across trials (trainables/reference.py) unless the config's trainer knobs say.
+    reuse_base_model: train on the base model this process's last trial left, when of the same model and precision
+    (trainables/warm_model.py), and leave this one's for the next. These change how the trial runs, not its key.
     callbacks: more transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
     global _trials_in_this_process
     started = time.perf_counter()
@@ -235,12 +240,13 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
         "worker_pid": str(os.getpid()), "worker_trial": str(_trials_in_this_process),
         "thread_trial": str(thread_trials),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        **({} if cudnn_attention else {"exec_cudnn_attention": "false"})})
+        **({} if cudnn_attention else {"exec_cudnn_attention": "false"}),
+        **({"exec_reuse_base_model": "true"} if reuse_base_model else {})})
     _kinds_in_this_process.add(kind)
     _trials_in_this_process += 1
     _this_thread.trials = thread_trials + 1
     metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch,
-                            pad_to_multiple_of, reference_cache, callbacks)
+                            pad_to_multiple_of, reference_cache, reuse_base_model, callbacks)
     _freeze_once()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
@@ -248,7 +254,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
 
 
 def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, pad_to_multiple_of,
-                  reference_cache, callbacks) -> dict:
+                  reference_cache, reuse_base_model, callbacks) -> dict:
     """The trial's attempts: OOM in training retries as `after_oom` says."""
     attempt, checkpointed, retries = cfg, None, 0
     try:
@@ -271,7 +277,7 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
                                                "exec_checkpoint_every_n_layers": memory.checkpoint_every(attempt)})
             try:
                 metrics = _attempt(attempt, client, run_id, report, started, {"sys/oom_retries": retries},
-                                   callbacks)
+                                   reuse_base_model, callbacks)
                 break
             except TrainingOOM as err:
                 following = after_oom(attempt, checkpointed)
@@ -314,11 +320,12 @@ def _planned(cfg: TrialConfig, gpu_share: float, client, run_id: str) -> tuple[T
 
 
 def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extra: dict,
-             callbacks=()) -> dict[str, float]:
+             reuse_base_model: bool = False, callbacks=()) -> dict[str, float]:
     """Train, evaluate and file one attempt of a trial; returns its metrics."""
     grit_controller = []
 
     def attach_adapter_extras(trainer):
+        client.set_tag(run_id, "base_model", trainer.base_model)  # "reused": from this process's last trial
         if getattr(trainer, "reference_cache", None):  # trainables/reference.py: "hit" or "miss" (its pass is
             client.set_tag(run_id, "reference_cache", trainer.reference_cache)  # in time/setup_s)
         if cfg.adapter == "grit":
@@ -332,7 +339,7 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
     with tempfile.TemporaryDirectory() as workdir:
         try:
             model, _, items, metrics, step = train_and_evaluate(cfg, workdir, [logger, *callbacks],
-                                                                attach_adapter_extras, started)
+                                                                attach_adapter_extras, started, reuse_base_model)
         finally:
             logger.flush()  # the failed attempt's steps too
         metrics.update(extra_metrics(), **extra)
@@ -344,4 +351,6 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
         if grit_controller:  # rank and top eigenvalues per module (the metrics summarize them per projection type)
             client.log_dict(run_id, grit_controller[0].module_stats(), "grit_modules.json")
         tracking.finish_trial_run(client, run_id, metrics, items, f"{workdir}/adapter", step)
+    if reuse_base_model and not warm_model.keep(model):
+        client.set_tag(run_id, "base_model_kept", "false")  # it did not match what was loaded: the next trial loads
     return metrics

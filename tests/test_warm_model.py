@@ -1,0 +1,74 @@
+"""A warm worker's next trial trains on the base model its last trial left (trainables/warm_model.py): the same
+losses and results as on a freshly loaded one, and never a model that training changed."""
+import weakref
+
+import pytest
+import torch
+
+from tests.conftest import tiny_trial
+from trainables import tracking, warm_model
+from trainables.config import TrialConfig
+from trainables.trial import run_trial
+
+
+@pytest.fixture(autouse=True)
+def nothing_kept():
+    warm_model.drop()
+    yield
+    warm_model.drop()
+
+
+def _losses_and_results(client, run_id, metrics):
+    losses = [m.value for m in client.get_metric_history(run_id, "train/loss")]
+    return losses, {k: v for k, v in metrics.items() if k.startswith("eval/") and k != "eval/trial_seconds"}
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "cita"])
+def test_a_reused_base_model_trains_as_a_freshly_loaded_one(method, runs, tiny_model):
+    """A trial on a model an earlier trial left (GRIT, every layer checkpointed: hooks and flags on the base
+    model, then generation) has the losses, generations and scores of the same trial on a fresh load."""
+    fresh, reused = trials_fresh_and_reused(runs, tiny_trial(method=method, seed=3))
+    assert reused == fresh
+
+
+def trials_fresh_and_reused(runs, cfg: dict):
+    """(losses, eval results) of `cfg` on a fresh load, then on the base model a different trial left."""
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    fresh = run_trial(cfg, "fresh", runs, exp)
+    earlier = {**cfg, "method": "cita", "adapter": "grit", "gradient_checkpointing": True, "seed": 9}
+    run_trial(earlier, "earlier", runs, exp, reuse_base_model=True)
+    reused = run_trial(cfg, "reused", runs, exp, reuse_base_model=True)
+    by_label = {r.data.tags["config_label"]: r for r in client.search_runs([exp])}
+    tags = {label: run.data.tags for label, run in by_label.items()}
+    assert (tags["earlier"]["base_model"], tags["reused"]["base_model"]) == ("loaded", "reused")
+    assert tags["reused"]["exec_reuse_base_model"] == "true" and "base_model_kept" not in tags["reused"]
+    assert tags["fresh"]["base_model"] == "loaded" and "exec_reuse_base_model" not in tags["fresh"]
+    expected = _losses_and_results(client, by_label["fresh"].info.run_id, fresh)
+    assert len(expected[0]) == cfg["max_steps"] and expected[1]["eval/n_generated"] > 0
+    return expected, _losses_and_results(client, by_label["reused"].info.run_id, reused)
+
+
+def test_a_model_whose_weights_changed_is_not_kept(tiny_model):
+    cfg = TrialConfig(**tiny_trial())
+    model, reused = warm_model.take(cfg)
+    assert not reused
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    assert not warm_model.keep(model)
+    assert warm_model.take(cfg)[1] is False
+
+
+def test_a_kept_model_is_handed_out_once_and_dropped_for_another_precision(tiny_model):
+    fp32, bf16 = TrialConfig(**tiny_trial()), TrialConfig(**tiny_trial(precision="bf16"))
+    model, _ = warm_model.take(fp32)
+    assert warm_model.keep(model)
+    again, reused = warm_model.take(fp32)
+    assert again is model and reused
+    assert warm_model.take(fp32)[1] is False  # handed out: a second trial at once loads its own
+    assert warm_model.keep(again)
+    gone = weakref.ref(model)
+    del model, again
+    other, reused = warm_model.take(bf16)
+    assert not reused and next(other.parameters()).dtype == torch.bfloat16
+    assert gone() is None  # the fp32 model was freed, not kept beside the bf16 one

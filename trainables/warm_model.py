@@ -1,0 +1,116 @@
+"""A reused (warm) worker keeps its last trial's base model for its next trial of the same model and precision.
+
+Loading is most of a warm trial's setup: a quantized model is re-read and re-quantized on the GPU every trial,
+and an 8B model re-read from disk. Every trial still gets a fresh adapter: after a trial, `keep` takes the
+adapter off (PEFT's `unload`), puts back what training changed on the base model (checkpointing, hooks, instance
+attributes, requires_grad, train mode, use_cache, generation config), and keeps the model only if it then matches what was loaded:
+the same modules, attributes, hooks, parameters and configs, and the same weights (a checksum per tensor).
+Otherwise it is dropped and the next trial loads afresh. Loading consumes no random numbers, so a trial's adapter
+initialisation, and its losses, are the same either way (tests/test_warm_model.py).
+
+Written here because neither PEFT nor transformers offers "the base model as loaded" back after training.
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import torch
+
+from trainables import models, precision
+from trainables.config import TrialConfig
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+_kept: dict = {}  # at most one entry: key -> (model, snapshot)
+_snapshots = weakref.WeakKeyDictionary()  # model `take` handed out -> (key, snapshot)
+
+
+def _key(cfg: TrialConfig) -> tuple:
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return models.resolve(cfg.model), cfg.precision, device
+
+
+def take(cfg: TrialConfig) -> tuple[object, bool]:
+    """(base model at the trial's precision, whether it was kept from an earlier trial). A kept model of another
+    model or precision is dropped first: a worker's GPU share holds one."""
+    key = _key(cfg)
+    if key in _kept:
+        model, snapshot = _kept.pop(key)
+        _snapshots[model] = (key, snapshot)
+        return model, True
+    drop()
+    model = precision.load_model(cfg)
+    _snapshots[model] = (key, _snapshot(model))
+    return model, False
+
+
+def keep(trained) -> bool:
+    """Keep the base model under `trained` (the trial's PeftModel, or the base model from `take`) for the next
+    trial; False when it does not match what was loaded (then it is not kept)."""
+    model = trained.unload() if hasattr(trained, "unload") else trained
+    key, snapshot = _snapshots.pop(model, (None, None))
+    if snapshot is None:
+        return False
+    _reset(model, snapshot)
+    if _snapshot(model) != snapshot:
+        return False
+    drop()
+    _kept[key] = (model, snapshot)
+    return True
+
+
+def drop():
+    """Give up the kept model, if any (its memory is freed once nothing else holds it)."""
+    if not _kept:
+        return
+    _kept.clear()
+    frozen = gc.get_freeze_count() > 0  # trainables.trial freezes a warm worker's heap: thaw it to collect cycles
+    if frozen:
+        gc.unfreeze()
+    gc.collect()
+    if frozen:
+        gc.freeze()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _modules_state(model) -> dict:
+    return {name: (type(m).__name__, frozenset(vars(m)), tuple(tuple(getattr(m, d)) for d in _HOOK_DICTS))
+            for name, m in model.named_modules()}
+
+
+@torch.no_grad()
+def _snapshot(model) -> tuple:
+    """What `keep` compares: modules (type, instance attributes, hooks), tensors (dtype, shape, device,
+    requires_grad, checksum), train mode and configs."""
+    tensors = {name: (t.dtype, tuple(t.shape), t.device, t.requires_grad, t.sum(dtype=torch.float64))
+               for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    sums = torch.stack([v[-1] for v in tensors.values()]).tolist() if tensors else []  # one device sync
+    tensors = {name: (*v[:-1], s) for (name, v), s in zip(tensors.items(), sums)}
+    return (_modules_state(model), tensors, model.training, model.config.to_dict(),
+            model.generation_config.to_dict() if model.generation_config is not None else None)
+
+
+def _reset(model, snapshot):
+    """Undo what a trial does to its base model beyond the adapter PEFT took off."""
+    modules, tensors = snapshot[0], snapshot[1]
+    if model.is_gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    for name, module in model.named_modules():
+        if name not in modules:
+            continue
+        attributes, hooks = modules[name][1], modules[name][2]
+        for extra in set(vars(module)) - attributes:  # e.g. checkpointing's per-layer flags, a hook's handle
+            delattr(module, extra)
+        for hook_dict, kept_ids in zip(_HOOK_DICTS, hooks):  # e.g. the input-grads hook checkpointing adds
+            registered = getattr(module, hook_dict)
+            for hook_id in [h for h in registered if h not in kept_ids]:
+                del registered[hook_id]
+    for name, param in model.named_parameters():
+        if name in tensors:
+            param.requires_grad_(tensors[name][3])
+    model.train(snapshot[2])
+    model.config.use_cache = snapshot[3].get("use_cache", model.config.use_cache)
+    if snapshot[4] is not None:  # generation normalizes it (eos_token_id 2 -> [2])
+        model.generation_config = type(model.generation_config).from_dict(snapshot[4])
