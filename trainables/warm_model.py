@@ -1,10 +1,12 @@
 """A reused (warm) worker keeps its last trial's base model for its next trial of the same model and precision.
 
-Loading is most of a warm trial's setup: a quantized model is re-read and re-quantized on the GPU every trial,
-and an 8B model re-read from disk. Every trial still gets a fresh adapter: after a trial, `keep` takes the
-adapter off (PEFT's `unload`), puts back what training changed on the base model (checkpointing, hooks, instance
-attributes, requires_grad, train mode, use_cache, generation config), and keeps the model only if it then matches what was loaded:
-the same modules, attributes, hooks, parameters and configs, and the same weights (a checksum per tensor).
+Loading is a large part of a warm trial's setup: a quantized model is re-read and re-quantized on the GPU every
+trial, an 8B model re-read from disk. 16 SmolLM2 trials packed on an H100: 2.9 s from a warm trial's start to its
+first step on a kept model, 5.2-5.4 s loading it (BENCHMARKS.md, 2026-11-24 afternoon). Every trial still gets a
+fresh adapter: after a trial, `keep` takes the adapter off (PEFT's `unload`), puts back what training changed on
+the base model (checkpointing, hooks, instance attributes, requires_grad, train mode, use_cache, generation
+config), and keeps the model only if it then matches what was loaded: the same modules, attributes, hooks,
+parameters and configs, and the same weights (a checksum per tensor).
 Otherwise it is dropped and the next trial loads afresh. Loading consumes no random numbers, so a trial's adapter
 initialisation, and its losses, are the same either way (tests/test_warm_model.py).
 
