@@ -66,13 +66,19 @@ def drop():
     """Give up the kept model, if any (its memory is freed once nothing else holds it)."""
     if not _kept:
         return
+    (model, _), = _kept.values()
+    gone = weakref.ref(model)
+    del model
     _kept.clear()
-    frozen = gc.get_freeze_count() > 0  # trainables.trial freezes a warm worker's heap: thaw it to collect cycles
-    if frozen:
-        gc.unfreeze()
-    gc.collect()
-    if frozen:
-        gc.freeze()
+    # Only a model in a reference cycle needs a full collection (none seen so far). Collecting at every switch, the
+    # packed sweep's warm trials that loaded spent 0.3-0.9 s more before step 1 than with no reuse at all.
+    if gone() is not None:
+        frozen = gc.get_freeze_count() > 0  # trainables.trial freezes a warm worker's heap: thaw it to collect
+        if frozen:
+            gc.unfreeze()
+        gc.collect()
+        if frozen:
+            gc.freeze()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
