@@ -6,6 +6,7 @@ process (as a reused Ray worker runs them), each kind --repeat times (2), option
     python bench/first_step.py --threads 1                       # torch threads as in a Ray trial of 1 CPU
     python bench/first_step.py --in-thread                       # a thread per trial, as Ray Tune runs it
     python bench/first_step.py --as-sweep --repeat 1             # whole trials (evaluation, generations)
+    python bench/first_step.py --reuse-base-model                # a kind's later trials on the model kept
 
 Each trial is a real `run_trial` (MLflow run in a temporary store, the local profile's config of the multi-seed
 study, a few steps, no generations; with --as-sweep the profile's steps, evaluation and generations, every trial
@@ -58,7 +59,7 @@ def _stats(profiler: cProfile.Profile, sort: str, lines: int) -> str:
 
 def run(kinds: list[str], repeat: int, steps: int | None, n_eval: int, profile: bool = False,
         profile_over: float = 3.0, model: str | None = None, threads: int | None = None, in_thread: bool = False,
-        seed: int | None = None) -> list[dict]:
+        seed: int | None = None, reuse_base_model: bool = False) -> list[dict]:
     from grit_speed import callback
 
     from trainables import tracking
@@ -84,7 +85,7 @@ def run(kinds: list[str], repeat: int, steps: int | None, n_eval: int, profile: 
                     profiler.enable()
                 try:
                     trial = functools.partial(run_trial, configs[kind], f"{kind}#{i}", uri, experiment,
-                                              threads=threads, callbacks=[callback(on_step_end=disable_after_step_1)]
+                                              threads=threads, reuse_base_model=reuse_base_model, callbacks=[callback(on_step_end=disable_after_step_1)]
                                               if profiler else [])
                     m = in_a_thread_as_ray_runs_it(trial) if in_thread else trial()
                 finally:
@@ -92,14 +93,14 @@ def run(kinds: list[str], repeat: int, steps: int | None, n_eval: int, profile: 
                         profiler.disable()
                 run = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)[0]
                 row = {"kind": kind, "i": i, "seed": configs[kind]["seed"],
-                       "warm_kind": run.data.tags.get("warm_kind"),
+                       "warm_kind": run.data.tags.get("warm_kind"), "base_model": run.data.tags.get("base_model"),
                        "setup_s": m["time/setup_s"], "before_s": m["time/before_first_step_s"],
                        "step1_s": m["time/first_step_s"], "step1_cpu_s": m["time/first_step_cpu_s"],
                        "step1_gc_s": m["time/first_step_gc_s"],
                        "to_first_s": m["time/to_first_step_s"],
                        "later_step_s": m.get("time/later_step_s", float("nan"))}
                 rows.append(row)
-                print(f"{kind} #{i} (warm_kind={row['warm_kind']}): setup {row['setup_s']:.2f} s, before step 1 "
+                print(f"{kind} #{i} (warm_kind={row['warm_kind']}, base model {row['base_model']}): setup {row['setup_s']:.2f} s, before step 1 "
                       f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s ({row['step1_cpu_s']:.2f} s CPU, "
                       f"{row['step1_gc_s']:.2f} s GC), "
                       f"to end of step 1 {row['to_first_s']:.2f} s; later steps {row['later_step_s']:.3f} s each",
@@ -144,11 +145,11 @@ def section(rows: list[dict], command: str, machine: str) -> str:
              f"`{command}` on {machine}, seed {rows[0]['seed'] if rows else '?'}: trials one after another in one "
              "process (a reused worker); "
              "warm kind = this process ran the method-adapter-precision before.", "",
-             "| kind | # | warm kind | setup s | before step 1 s | step 1 s (thread CPU s; GC s) | "
+             "| kind | # | warm kind | base model | setup s | before step 1 s | step 1 s (thread CPU s; GC s) | "
              "to end of step 1 s | later step s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['kind']} | {r['i']} | {r['warm_kind']} | {r['setup_s']:.2f} | {r['before_s']:.2f} | "
+        lines.append(f"| {r['kind']} | {r['i']} | {r['warm_kind']} | {r.get('base_model')} | {r['setup_s']:.2f} | {r['before_s']:.2f} | "
                      f"{r['step1_s']:.2f} ({r['step1_cpu_s']:.2f}; {r['step1_gc_s']:.2f}) | {r['to_first_s']:.2f} | "
                      f"{r['later_step_s']:.3f} |")
     warm = [r["to_first_s"] for r in rows[1:]]  # every trial after the process's first runs on a warm worker
@@ -182,6 +183,8 @@ def main():
                     "profile step 1 here, set $ALIGNSWEEP_PROFILE_STEP1 (trainables/trial.py)")
     ap.add_argument("--seed", type=int, default=1, help="every trial's seed, which sets its batches: 1, as the "
                     "first trial of each kind in bench/packing.py's sweeps (the profile's own is 42)")
+    ap.add_argument("--reuse-base-model", action="store_true", help="a kind's later trials train on the base model "
+                    "the trial before left (trainables/warm_model.py), as the profiles' sweeps run")
     ap.add_argument("--bench-file", default=None, help="append the table here (e.g. BENCHMARKS.md)")
     a = ap.parse_args()
     if a.in_thread and a.profile:
@@ -191,7 +194,7 @@ def main():
     steps = None if a.as_sweep else a.steps
     kinds = a.kinds or list(kind_configs(steps, a.n_eval))
     rows = run(kinds, a.repeat, steps, a.n_eval, a.profile, a.profile_over, a.model,
-               a.threads, a.in_thread, a.seed)
+               a.threads, a.in_thread, a.seed, a.reuse_base_model)
     machine = (f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU") + f", {platform.node()}"
     from grit_speed import publish
 

@@ -383,7 +383,15 @@ def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_
     first_step.run(["sft-lora-fp32"], repeat=1, steps=2, n_eval=2, profile=False, model="tiny-random")
     assert "ncalls" not in capsys.readouterr().out  # not profiled unless asked: cProfile slows the setup it times
     text = first_step.section(rows, "cmd", "CPU")
-    assert "| sft-lora-fp32 | 1 | true |" in text and "n=1;" in text
+    assert "| sft-lora-fp32 | 1 | true | loaded |" in text and "n=1;" in text
+    from trainables import warm_model
+
+    try:  # --reuse-base-model: the second trial trains on the model the first left
+        reused = first_step.run(["sft-lora-fp32"], repeat=2, steps=2, n_eval=2, model="tiny-random",
+                                reuse_base_model=True)
+    finally:
+        warm_model.drop()
+    assert [r["base_model"] for r in reused] == ["loaded", "reused"]
     with pytest.raises(SystemExit, match="--kinds nope: allowed values: sft-lora-fp32"):
         first_step.run(["nope"], 1, 2, 2, model="tiny-random")
 
