@@ -59,6 +59,17 @@ def test_a_model_whose_weights_changed_is_not_kept(tiny_model):
     assert warm_model.take(cfg)[1] is False
 
 
+def test_config_values_a_trainer_aligned_are_put_back(tiny_model):
+    """The trainer sets the config's eos/pad token ids to its tokenizer's (the 8B checkpoint with SmolLM2's
+    tokenizer: 1 -> 2, 0 -> 2, found on a GPU); keeping the model puts the loaded values back."""
+    cfg = TrialConfig(**tiny_trial())
+    model, _ = warm_model.take(cfg)
+    loaded = model.config.to_dict()
+    model.config.eos_token_id, model.config.pad_token_id, model.config.use_cache = 12345, 12346, True
+    assert warm_model.keep(model)
+    assert model.config.to_dict() == loaded
+
+
 def test_a_kept_model_is_handed_out_once_and_dropped_for_another_precision(tiny_model):
     fp32, bf16 = TrialConfig(**tiny_trial()), TrialConfig(**tiny_trial(precision="bf16"))
     model, _ = warm_model.take(fp32)

@@ -4,8 +4,8 @@ Loading is a large part of a warm trial's setup: a quantized model is re-read an
 trial, an 8B model re-read from disk. 16 SmolLM2 trials packed on an H100: 2.9 s from a warm trial's start to its
 first step on a kept model, 5.2-5.4 s loading it (BENCHMARKS.md, 2026-11-24 afternoon). Every trial still gets a
 fresh adapter: after a trial, `keep` takes the adapter off (PEFT's `unload`), puts back what training changed on
-the base model (checkpointing, hooks, instance attributes, requires_grad, train mode, use_cache, generation
-config), and keeps the model only if it then matches what was loaded: the same modules, attributes, hooks,
+the base model (checkpointing, hooks, instance attributes, requires_grad, train mode, plain config values,
+generation config), and keeps the model only if it then matches what was loaded: the same modules, attributes, hooks,
 parameters and configs, and the same weights (a checksum per tensor).
 Otherwise it is dropped and the next trial loads afresh. Loading consumes no random numbers, so a trial's adapter
 initialisation, and its losses, are the same either way (tests/test_warm_model.py).
@@ -119,6 +119,9 @@ def _reset(model, snapshot):
         if name in tensors:
             param.requires_grad_(tensors[name][3])
     model.train(snapshot[2])
-    model.config.use_cache = snapshot[3].get("use_cache", model.config.use_cache)
+    loaded = snapshot[3]  # e.g. use_cache (evaluation), eos/pad token ids (the trainer aligns them to the tokenizer)
+    for name, value in model.config.to_dict().items():
+        if name in loaded and value != loaded[name] and isinstance(value, (bool, int, float, str, list, type(None))):
+            setattr(model.config, name, loaded[name])
     if snapshot[4] is not None:  # generation normalizes it (eos_token_id 2 -> [2])
         model.generation_config = type(model.generation_config).from_dict(snapshot[4])
