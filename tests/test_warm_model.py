@@ -55,7 +55,7 @@ def test_a_model_whose_weights_changed_is_not_kept(tiny_model):
     assert not reused
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] += 1e-3
-    assert not warm_model.keep(model)
+    assert warm_model.keep(model) == f"tensors: {next(model.named_parameters())[0]}"
     assert warm_model.take(cfg)[1] is False
 
 
@@ -66,18 +66,18 @@ def test_config_values_a_trainer_aligned_are_put_back(tiny_model):
     model, _ = warm_model.take(cfg)
     loaded = model.config.to_dict()
     model.config.eos_token_id, model.config.pad_token_id, model.config.use_cache = 12345, 12346, True
-    assert warm_model.keep(model)
+    assert warm_model.keep(model) is None
     assert model.config.to_dict() == loaded
 
 
 def test_a_kept_model_is_handed_out_once_and_dropped_for_another_precision(tiny_model):
     fp32, bf16 = TrialConfig(**tiny_trial()), TrialConfig(**tiny_trial(precision="bf16"))
     model, _ = warm_model.take(fp32)
-    assert warm_model.keep(model)
+    assert warm_model.keep(model) is None
     again, reused = warm_model.take(fp32)
     assert again is model and reused
     assert warm_model.take(fp32)[1] is False  # handed out: a second trial at once loads its own
-    assert warm_model.keep(again)
+    assert warm_model.keep(again) is None
     gone = weakref.ref(model)
     del model, again
     other, reused = warm_model.take(bf16)

@@ -351,6 +351,6 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
         if grit_controller:  # rank and top eigenvalues per module (the metrics summarize them per projection type)
             client.log_dict(run_id, grit_controller[0].module_stats(), "grit_modules.json")
         tracking.finish_trial_run(client, run_id, metrics, items, f"{workdir}/adapter", step)
-    if reuse_base_model and not warm_model.keep(model):
-        client.set_tag(run_id, "base_model_kept", "false")  # it did not match what was loaded: the next trial loads
+    if reuse_base_model and (differs := warm_model.keep(model)):  # the next trial in this process loads its own
+        client.set_tag(run_id, "base_model_kept", f"false: {differs}"[:500])
     return metrics

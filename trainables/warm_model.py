@@ -47,19 +47,28 @@ def take(cfg: TrialConfig) -> tuple[object, bool]:
     return model, False
 
 
-def keep(trained) -> bool:
+def keep(trained) -> str | None:
     """Keep the base model under `trained` (the trial's PeftModel, or the base model from `take`) for the next
-    trial; False when it does not match what was loaded (then it is not kept)."""
+    trial. Returns None when kept, else why not: what does not match the load (then it is not kept)."""
     model = trained.unload() if hasattr(trained, "unload") else trained
     key, snapshot = _snapshots.pop(model, (None, None))
     if snapshot is None:
-        return False
+        return "not a model take() handed out"
     _reset(model, snapshot)
-    if _snapshot(model) != snapshot:
-        return False
+    now = _snapshot(model)
+    changed = [f"{part}: {', '.join(sorted(map(str, _changed(was, now[i])))[:3])}"
+               for i, (part, was) in enumerate(zip(_PARTS, snapshot)) if was != now[i]]
+    if changed:
+        return "; ".join(changed)
     drop()
     _kept[key] = (model, snapshot)
-    return True
+    return None
+
+
+def _changed(was, now) -> list:
+    if isinstance(was, dict) and isinstance(now, dict):
+        return [k for k in was.keys() | now.keys() if was.get(k) != now.get(k)]
+    return [f"{was} -> {now}"]
 
 
 def drop():
@@ -86,6 +95,9 @@ def drop():
 def _modules_state(model) -> dict:
     return {name: (type(m).__name__, frozenset(vars(m)), tuple(tuple(getattr(m, d)) for d in _HOOK_DICTS))
             for name, m in model.named_modules()}
+
+
+_PARTS = ("modules", "tensors", "train mode", "config", "generation config")  # _snapshot's, in order
 
 
 @torch.no_grad()
