@@ -53,6 +53,14 @@ step ray-thread-probe 300 python bench/ray_thread_probe.py
 step embedded-model 300 python -c "from trainables import models; print(models.embedded_model_dir())"
 step packing-reuse 1200 python bench/packing.py --mode packed-no-reuse packed --gpus 1 --packed-seeds 3 \
                      --results "$RESULTS/packing-reuse.jsonl" --bench-file "$ADD"
+# The same on the 8B shape, trials one after another on one worker (setup only: the local profile's short
+# configs on the random 8B checkpoint with SmolLM2's tokenizer), with reuse and without.
+step first-step-8b-reuse 900 bash -c 'python bench/trainable_vs_trl.py --checkpoint-only &&
+  view=$(python -c "import sys; sys.path.insert(0, \"bench\"); from project_cost import with_tokenizer; \
+    print(with_tokenizer(\"${ALIGNSWEEP_BENCH_CKPT:-$HOME/.cache/alignsweep-bench}/llama3-8b-shape-random-bf16-seed0\", \
+    \"embedded:smollm2-135m-instruct\"))" | tail -1) &&
+  for reuse in --reuse-base-model ""; do python bench/first_step.py --model "$view" --kinds dpo-lora-nf4 sft-lora-bf16 \
+    --repeat 3 --steps 3 --n-eval 2 $reuse --bench-file '"$ADD"'; done'
 # Packed warm first step 6.2 s (2026-11-24 late morning): 12 of 20 warm trials, DPO/CITA meeting the pair shapes
 # in step 1, spent 2.2-2.7 s of thread CPU there. cuDNN's attention builds a graph per shape and thread; without
 # cuDNN's kernels SDPA builds none, the local profile's default since 2026-11-24 midday (step 1 3.8 -> 0.8 s).
