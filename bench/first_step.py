@@ -85,7 +85,8 @@ def run(kinds: list[str], repeat: int, steps: int | None, n_eval: int, profile: 
                     profiler.enable()
                 try:
                     trial = functools.partial(run_trial, configs[kind], f"{kind}#{i}", uri, experiment,
-                                              threads=threads, reuse_base_model=reuse_base_model, callbacks=[callback(on_step_end=disable_after_step_1)]
+                                              threads=threads, reuse_base_model=reuse_base_model,
+                                              callbacks=[callback(on_step_end=disable_after_step_1)]
                                               if profiler else [])
                     m = in_a_thread_as_ray_runs_it(trial) if in_thread else trial()
                 finally:
@@ -93,14 +94,16 @@ def run(kinds: list[str], repeat: int, steps: int | None, n_eval: int, profile: 
                         profiler.disable()
                 run = client.search_runs([experiment], order_by=["attributes.start_time DESC"], max_results=1)[0]
                 row = {"kind": kind, "i": i, "seed": configs[kind]["seed"],
-                       "warm_kind": run.data.tags.get("warm_kind"), "base_model": run.data.tags.get("base_model"),
+                       "warm_kind": run.data.tags.get("warm_kind"),
+                       "base_model": run.data.tags.get("base_model"),
                        "setup_s": m["time/setup_s"], "before_s": m["time/before_first_step_s"],
                        "step1_s": m["time/first_step_s"], "step1_cpu_s": m["time/first_step_cpu_s"],
                        "step1_gc_s": m["time/first_step_gc_s"],
                        "to_first_s": m["time/to_first_step_s"],
                        "later_step_s": m.get("time/later_step_s", float("nan"))}
                 rows.append(row)
-                print(f"{kind} #{i} (warm_kind={row['warm_kind']}, base model {row['base_model']}): setup {row['setup_s']:.2f} s, before step 1 "
+                print(f"{kind} #{i} (warm_kind={row['warm_kind']}, base model {row['base_model']}): "
+                      f"setup {row['setup_s']:.2f} s, before step 1 "
                       f"{row['before_s']:.2f} s, step 1 {row['step1_s']:.2f} s ({row['step1_cpu_s']:.2f} s CPU, "
                       f"{row['step1_gc_s']:.2f} s GC), "
                       f"to end of step 1 {row['to_first_s']:.2f} s; later steps {row['later_step_s']:.3f} s each",
@@ -149,7 +152,8 @@ def section(rows: list[dict], command: str, machine: str) -> str:
              "to end of step 1 s | later step s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['kind']} | {r['i']} | {r['warm_kind']} | {r.get('base_model')} | {r['setup_s']:.2f} | {r['before_s']:.2f} | "
+        lines.append(f"| {r['kind']} | {r['i']} | {r['warm_kind']} | {r.get('base_model')} | {r['setup_s']:.2f} | "
+                     f"{r['before_s']:.2f} | "
                      f"{r['step1_s']:.2f} ({r['step1_cpu_s']:.2f}; {r['step1_gc_s']:.2f}) | {r['to_first_s']:.2f} | "
                      f"{r['later_step_s']:.3f} |")
     warm = [r["to_first_s"] for r in rows[1:]]  # every trial after the process's first runs on a warm worker

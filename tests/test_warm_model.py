@@ -83,3 +83,71 @@ def test_a_kept_model_is_handed_out_once_and_dropped_for_another_precision(tiny_
     other, reused = warm_model.take(bf16)
     assert not reused and next(other.parameters()).dtype == torch.bfloat16
     assert gone() is None  # the fp32 model was freed, not kept beside the bf16 one
+
+
+def test_plain_attribute_values_are_put_back_and_later_changes_do_not_reach_the_snapshot(tiny_model):
+    cfg = TrialConfig(**tiny_trial())
+    model, _ = warm_model.take(cfg)
+    attention = model.model.layers[0].self_attn
+    layer_idx, architectures = attention.layer_idx, list(model.config.architectures)
+    attention.layer_idx, model.config.architectures = 99, ["Other"]
+    assert warm_model.keep(model) is None
+    assert (attention.layer_idx, model.config.architectures) == (layer_idx, architectures)
+    model, _ = warm_model.take(cfg)
+    model.config.architectures.append("Mutated")  # in place: the list put back is a copy, not the snapshot's own
+    assert warm_model.keep(model) is None and model.config.architectures == architectures
+
+
+def test_a_load_that_draws_random_numbers_is_not_kept(tiny_model, monkeypatch):
+    """A checkpoint missing weights gets them initialised at load from the trial's seeded stream: a kept copy
+    would carry one seed's draws into other trials."""
+    from trainables import precision
+
+    load = precision.load_model
+
+    def load_and_initialise(cfg):
+        model = load(cfg)
+        torch.rand(1)
+        return model
+
+    monkeypatch.setattr(precision, "load_model", load_and_initialise)
+    model, _ = warm_model.take(TrialConfig(**tiny_trial()))
+    assert "random numbers" in warm_model.keep(model)
+
+
+def test_a_failed_trial_keeps_nothing_and_a_failed_keep_leaves_the_trial_finished(runs, tiny_model, monkeypatch):
+    from transformers import TrainerCallback
+
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+
+    class Fail(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    run_trial(tiny_trial(), "keeps", runs, exp, reuse_base_model=True)
+    with pytest.raises(RuntimeError, match="boom"):  # takes the kept model, then fails: it is not kept
+        run_trial(tiny_trial(), "fails", runs, exp, reuse_base_model=True, callbacks=[Fail()])
+    run_trial(tiny_trial(), "after", runs, exp, reuse_base_model=True)
+
+    def broken(trained):
+        raise RuntimeError("no unload")
+
+    monkeypatch.setattr(warm_model, "keep", broken)
+    run_trial(tiny_trial(), "keep fails", runs, exp, reuse_base_model=True)
+    by_label = {r.data.tags["config_label"]: r for r in client.search_runs([exp])}
+    assert (by_label["fails"].data.tags["base_model"], by_label["fails"].info.status) == ("reused", "FAILED")
+    assert by_label["after"].data.tags["base_model"] == "loaded"
+    assert by_label["keep fails"].info.status == "FINISHED"
+    assert by_label["keep fails"].data.tags["base_model_kept"] == "false: RuntimeError: no unload"
+
+
+def test_a_trial_without_reuse_drops_the_kept_model(runs, tiny_model):
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "t")
+    run_trial(tiny_trial(), "keeps", runs, exp, reuse_base_model=True)
+    (kept, _), = warm_model._kept.values()
+    gone = weakref.ref(kept)
+    del kept
+    run_trial(tiny_trial(), "fresh", runs, exp)
+    assert gone() is None and not warm_model._kept

@@ -123,6 +123,14 @@ def resolve(name: str) -> str:
     return name
 
 
+def weight_files(name: str) -> list[tuple[str, int, int]]:
+    """(file, size, mtime_ns) of a config's model's local safetensors ([] for a hub id): a checkpoint rewritten at
+    the same path is another model."""
+    path = Path(resolve(name))
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors")) \
+        if path.is_dir() else []
+
+
 def from_pretrained(loader, name: str, **kwargs):
     """`loader.from_pretrained` on a config's model name, with an error that names the field and the model."""
     try:

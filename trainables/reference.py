@@ -19,7 +19,6 @@ import json
 import os
 import time
 import uuid
-from pathlib import Path
 
 import torch
 
@@ -37,10 +36,7 @@ def cache_key(trainer, cfg) -> str:
     import transformers
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    path = Path(models.resolve(cfg.model))
-    weights = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.glob("*.safetensors")) \
-        if path.is_dir() else []
-    parts = [cfg.model, getattr(model.config, "_commit_hash", None), weights, cfg.precision,
+    parts = [cfg.model, getattr(model.config, "_commit_hash", None), models.weight_files(cfg.model), cfg.precision,
              tokens_hash(trainer.train_dataset), trainer.args.max_length, trainer.args.truncation_mode,
              trainer.args.ld_alpha, trl.__version__, transformers.__version__, torch.__version__,
              str(trainer.accelerator.device.type)]

@@ -39,7 +39,7 @@ class TrainingOOM(RuntimeError):
 def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None, reuse_base_model: bool = False):
     """Seeded base model at precision + the method's TRL trainer with the adapter, ready to train (bench/ times this
     too). `train_ds` replaces the config's data (already in TRL's format). reuse_base_model: take the base model an
-    earlier trial in this process left (trainables/warm_model.py; `trainer.base_model` says "reused" or
+    earlier trial in this process left (trainables/warm_model.py; `trainer.base_model_source` says "reused" or
     "loaded"). Returns (trainer, tokenizer, held_out)."""
     from transformers import PrinterCallback, set_seed
 
@@ -49,10 +49,12 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None, reuse_b
     if train_ds is None:
         train_ds = data.cached_trl(train_raw, cfg.template, tokenizer, cfg.method, cache_root() / "trl_datasets",
                                    max_prompt_tokens=cfg.max_prompt_length)
+    if not reuse_base_model:
+        warm_model.drop()  # a model an earlier trial here kept would sit beside this one's on the GPU
     model, reused = warm_model.take(cfg) if reuse_base_model else (precision.load_model(cfg), False)
     lora.check_targets(model, cfg)
     trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)
-    trainer.base_model = "reused" if reused else "loaded"
+    trainer.base_model_source = "reused" if reused else "loaded"
     trainer.remove_callback(PrinterCallback)  # metrics go to MLflow and Tune, not as dicts on stdout
     return trainer, tokenizer, held_out
 
@@ -325,7 +327,7 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
     grit_controller = []
 
     def attach_adapter_extras(trainer):
-        client.set_tag(run_id, "base_model", trainer.base_model)  # "reused": from this process's last trial
+        client.set_tag(run_id, "base_model", trainer.base_model_source)  # "reused": this process's last trial's
         if getattr(trainer, "reference_cache", None):  # trainables/reference.py: "hit" or "miss" (its pass is
             client.set_tag(run_id, "reference_cache", trainer.reference_cache)  # in time/setup_s)
         if cfg.adapter == "grit":
@@ -351,6 +353,11 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
         if grit_controller:  # rank and top eigenvalues per module (the metrics summarize them per projection type)
             client.log_dict(run_id, grit_controller[0].module_stats(), "grit_modules.json")
         tracking.finish_trial_run(client, run_id, metrics, items, f"{workdir}/adapter", step)
-    if reuse_base_model and (differs := warm_model.keep(model)):  # the next trial in this process loads its own
-        client.set_tag(run_id, "base_model_kept", f"false: {differs}"[:500])
+    if reuse_base_model:
+        try:
+            differs = warm_model.keep(model)
+        except Exception as err:  # reuse is an optimisation: a finished trial stays finished
+            differs = f"{type(err).__name__}: {err}"
+        if differs:  # the next trial in this process loads its own
+            client.set_tag(run_id, "base_model_kept", f"false: {differs}"[:500])
     return metrics

@@ -1,19 +1,24 @@
 """A reused (warm) worker keeps its last trial's base model for its next trial of the same model and precision.
 
 Loading is a large part of a warm trial's setup: a quantized model is re-read and re-quantized on the GPU every
-trial, an 8B model re-read from disk. 16 SmolLM2 trials packed on an H100: 2.9 s from a warm trial's start to its
-first step on a kept model, 5.2-5.4 s loading it (BENCHMARKS.md, 2026-11-24 afternoon). Every trial still gets a
-fresh adapter: after a trial, `keep` takes the adapter off (PEFT's `unload`), puts back what training changed on
-the base model (checkpointing, hooks, instance attributes, requires_grad, train mode, plain config values,
-generation config), and keeps the model only if it then matches what was loaded: the same modules, attributes, hooks,
-parameters and configs, and the same weights (a checksum per tensor).
-Otherwise it is dropped and the next trial loads afresh. Loading consumes no random numbers, so a trial's adapter
-initialisation, and its losses, are the same either way (tests/test_warm_model.py).
+trial, an 8B model re-read from disk. On an H100 (BENCHMARKS.md, 2026-11-24 afternoon): a warm 8B trial reached
+the end of step 1 in 1.55-2.36 s on a kept model, against 4.01-4.43 s loading it; SmolLM2 trials packed 16 at a
+time spent 2.9 s before step 1 on a kept model, against 4.5-5.4 s loading it.
+
+Every trial still gets a fresh adapter: after a trial, `keep` takes the adapter off (PEFT's `unload`), puts back
+what training changed on the base model (checkpointing, hooks, added attributes and plain attribute values,
+requires_grad, train mode, plain config values, the generation config), and keeps the model only if it then
+matches what was loaded: module types, attribute names and plain values, hooks, every parameter's and buffer's
+dtype, shape, device, flags and checksum (bitsandbytes' quantization state too), train mode and configs.
+Otherwise it is dropped and the next trial loads afresh. A load that draws random numbers (initialising weights
+the checkpoint lacks) is never kept. So a trial's adapter initialisation, and its losses, are the same either way
+(tests/test_warm_model.py).
 
 Written here because neither PEFT nor transformers offers "the base model as loaded" back after training.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -23,14 +28,17 @@ from trainables import models, precision
 from trainables.config import TrialConfig
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)  # attribute values put back as loaded
+_PARTS = ("modules", "tensors", "train mode", "config", "generation config")  # _snapshot's, in order
 _kept: dict = {}  # at most one entry: key -> (model, snapshot)
-_snapshots = weakref.WeakKeyDictionary()  # model `take` handed out -> (key, snapshot)
+_snapshots = weakref.WeakKeyDictionary()  # model `take` handed out -> (key, snapshot, or why it cannot be kept)
 
 
 def _key(cfg: TrialConfig) -> tuple:
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    return models.resolve(cfg.model), cfg.precision, device
+    return models.resolve(cfg.model), str(models.weight_files(cfg.model)), cfg.precision, device
 
 
 def take(cfg: TrialConfig) -> tuple[object, bool]:
@@ -41,9 +49,17 @@ def take(cfg: TrialConfig) -> tuple[object, bool]:
         model, snapshot = _kept.pop(key)
         _snapshots[model] = (key, snapshot)
         return model, True
-    drop()
+    if drop() and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the trial's peak: its own model, not the one it replaced
+    drawn = _rng_state()
     model = precision.load_model(cfg)
-    _snapshots[model] = (key, _snapshot(model))
+    if _rng_state() != drawn:  # it initialised weights the checkpoint lacks: a kept copy would carry this seed's
+        _snapshots[model] = (key, "its load drew random numbers (weights the checkpoint lacks)")  # draws onward
+        return model, False
+    try:
+        _snapshots[model] = (key, _snapshot(model))
+    except Exception as err:  # reuse is an optimisation: the trial goes on without it
+        _snapshots[model] = (key, f"no snapshot at load ({type(err).__name__}: {err})")
     return model, False
 
 
@@ -51,9 +67,9 @@ def keep(trained) -> str | None:
     """Keep the base model under `trained` (the trial's PeftModel, or the base model from `take`) for the next
     trial. Returns None when kept, else why not: what does not match the load (then it is not kept)."""
     model = trained.unload() if hasattr(trained, "unload") else trained
-    key, snapshot = _snapshots.pop(model, (None, None))
-    if snapshot is None:
-        return "not a model take() handed out"
+    key, snapshot = _snapshots.pop(model, (None, "not a model take() handed out"))
+    if isinstance(snapshot, str):
+        return snapshot
     _reset(model, snapshot)
     now = _snapshot(model)
     changed = [f"{part}: {', '.join(sorted(map(str, _changed(was, now[i])))[:3])}"
@@ -71,58 +87,78 @@ def _changed(was, now) -> list:
     return [f"{was} -> {now}"]
 
 
-def drop():
-    """Give up the kept model, if any (its memory is freed once nothing else holds it)."""
+def drop() -> bool:
+    """Give up the kept model, if any (its memory is freed once nothing else holds it). True if one was kept."""
     if not _kept:
-        return
+        return False
     (model, _), = _kept.values()
     gone = weakref.ref(model)
     del model
     _kept.clear()
-    # Only a model in a reference cycle needs a full collection (none seen so far). Collecting at every switch, the
-    # packed sweep's warm trials that loaded spent 0.3-0.9 s more before step 1 than with no reuse at all.
-    if gone() is not None:
-        frozen = gc.get_freeze_count() > 0  # trainables.trial freezes a warm worker's heap: thaw it to collect
-        if frozen:
-            gc.unfreeze()
-        gc.collect()
-        if frozen:
-            gc.freeze()
+    if gone() is not None:  # in a reference cycle (none seen so far): refcounting alone did not free it
+        gc.unfreeze()  # trainables.trial froze the warm worker's heap, this model with it; not frozen again, so
+        gc.collect()   # the live trial's objects are not frozen for good
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    return True
 
 
-def _modules_state(model) -> dict:
-    return {name: (type(m).__name__, frozenset(vars(m)), tuple(tuple(getattr(m, d)) for d in _HOOK_DICTS))
-            for name, m in model.named_modules()}
+def _rng_state() -> tuple:
+    import random
+
+    import numpy as np
+
+    cuda = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return (torch.random.get_rng_state().numpy().tobytes(), *cuda, random.getstate(),
+            np.random.get_state()[1].tobytes(), np.random.get_state()[2])
 
 
-_PARTS = ("modules", "tensors", "train mode", "config", "generation config")  # _snapshot's, in order
+def _checksum(t: torch.Tensor) -> float:
+    """Sum in float64, in chunks: a whole 8B embedding summed in float64 at once takes a 4 GiB copy."""
+    flat = t.detach().reshape(-1)
+    return float(sum(c.sum(dtype=torch.float64).item() for c in flat.split(1 << 24)))
+
+
+def _quantization_state(t: torch.Tensor) -> list:
+    """bitsandbytes' tensors beside the weight: a 4-bit weight's absmax (and its own quantization's), 8-bit's SCB."""
+    state = getattr(t, "quant_state", None)
+    nested = getattr(state, "state2", None)
+    found = [getattr(state, "absmax", None), getattr(nested, "absmax", None), getattr(t, "SCB", None)]
+    return [x for x in found if isinstance(x, torch.Tensor)]
 
 
 @torch.no_grad()
 def _snapshot(model) -> tuple:
-    """What `keep` compares: modules (type, instance attributes, hooks), tensors (dtype, shape, device,
-    requires_grad, checksum), train mode and configs."""
-    tensors = {name: (t.dtype, tuple(t.shape), t.device, t.requires_grad, t.sum(dtype=torch.float64))
+    """What `keep` compares: modules (type, instance attributes, their plain values, hooks), tensors (dtype,
+    shape, device, requires_grad, gradient, hooks, checksums of the tensor and its quantization state), train
+    mode and configs."""
+    modules = {name: (type(m).__name__, frozenset(vars(m)),
+                      tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN))),
+                      tuple(tuple(getattr(m, d)) for d in _HOOK_DICTS))
+               for name, m in model.named_modules()}
+    tensors = {name: (t.dtype, tuple(t.shape), t.device, t.requires_grad, t.grad is None,
+                      bool(getattr(t, "_backward_hooks", None)), bool(getattr(t, "_post_accumulate_grad_hooks", None)),
+                      _checksum(t), tuple(_checksum(x) for x in _quantization_state(t)))
                for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    sums = torch.stack([v[-1] for v in tensors.values()]).tolist() if tensors else []  # one device sync
-    tensors = {name: (*v[:-1], s) for (name, v), s in zip(tensors.items(), sums)}
-    return (_modules_state(model), tensors, model.training, model.config.to_dict(),
+    return (modules, tensors, model.training, model.config.to_dict(),
             model.generation_config.to_dict() if model.generation_config is not None else None)
 
 
 def _reset(model, snapshot):
-    """Undo what a trial does to its base model beyond the adapter PEFT took off."""
+    """Undo what a trial does to its base model beyond the adapter PEFT took off: each value put back is a copy of
+    the snapshot's, so that nothing changing it later changes what `keep` compares with."""
     modules, tensors = snapshot[0], snapshot[1]
     if model.is_gradient_checkpointing:
         model.gradient_checkpointing_disable()
     for name, module in model.named_modules():
         if name not in modules:
             continue
-        attributes, hooks = modules[name][1], modules[name][2]
+        _, attributes, plain, hooks = modules[name]
         for extra in set(vars(module)) - attributes:  # e.g. checkpointing's per-layer flags, a hook's handle
             delattr(module, extra)
+        for attribute, value in plain:  # e.g. a flag a layer sets on its first forward
+            if attribute in vars(module) and vars(module)[attribute] != value:
+                setattr(module, attribute, value)
         for hook_dict, kept_ids in zip(_HOOK_DICTS, hooks):  # e.g. the input-grads hook checkpointing adds
             registered = getattr(module, hook_dict)
             for hook_id in [h for h in registered if h not in kept_ids]:
@@ -134,6 +170,6 @@ def _reset(model, snapshot):
     loaded = snapshot[3]  # e.g. use_cache (evaluation), eos/pad token ids (the trainer aligns them to the tokenizer)
     for name, value in model.config.to_dict().items():
         if name in loaded and value != loaded[name] and isinstance(value, (bool, int, float, str, list, type(None))):
-            setattr(model.config, name, loaded[name])
+            setattr(model.config, name, copy.deepcopy(loaded[name]))
     if snapshot[4] is not None:  # generation normalizes it (eos_token_id 2 -> [2])
-        model.generation_config = type(model.generation_config).from_dict(snapshot[4])
+        model.generation_config = type(model.generation_config).from_dict(copy.deepcopy(snapshot[4]))
