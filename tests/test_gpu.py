@@ -86,8 +86,8 @@ def test_a_reused_base_model_on_cuda_trains_as_a_fresh_one(precision, runs, tiny
 
 
 def test_an_int8_base_model_is_not_kept_and_says_why(runs, tiny_model):
-    """bitsandbytes' 8-bit layers take the weight's SCB (its scales) onto the layer's state at the first forward, so
-    the weights no longer match their load (an H100, 2026-11-24): int8 trials load every time, and the tag says why."""
+    """After a trial, bitsandbytes' 8-bit weights no longer carry their SCB (the scales), so they do not match their
+    load (an H100, 2026-11-24): int8 trials load every time, and the tag says why."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (this test is opt-in with -m gpu)")
     from trainables import warm_model

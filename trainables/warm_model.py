@@ -10,8 +10,8 @@ what training changed on the base model (checkpointing, hooks, added attributes 
 requires_grad, train mode, plain config values, the generation config), and keeps the model only if it then
 matches what was loaded: module types, attribute names and plain values, hooks, every parameter's and buffer's
 dtype, shape, device, flags and checksum (bitsandbytes' quantization state too), train mode and configs.
-Otherwise it is dropped and the next trial loads afresh: int8 models, for one, whose layers move the weight's
-scales (SCB) onto their own state at the first forward. A load that draws random numbers (initialising weights
+Otherwise it is dropped and the next trial loads afresh: int8 models, for one, whose weights no longer carry their
+scales (SCB) after a trial (bitsandbytes takes them off at the first forward). A load that draws random numbers (initialising weights
 the checkpoint lacks) is never kept. So a trial's adapter initialisation, and its losses, are the same either way
 (tests/test_warm_model.py).
 
