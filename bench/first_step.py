@@ -1,5 +1,6 @@
 """Where a trial's start -> first optimizer step goes, on one warm worker: trials run one after another in this
-process (as a reused Ray worker runs them), each kind --repeat times (2), optionally profiled (--profile).
+process (as a reused Ray worker runs them), each kind --repeat times (2), optionally profiled (--profile). Each
+trial loads its base model unless --reuse-base-model (the profiles' sweeps reuse it: trainables/warm_model.py).
 
     python bench/first_step.py                                   # local profile's kinds (SmolLM2 on a GPU)
     python bench/first_step.py --kinds dpo-lora-bf16 cita-lora-bf16 --repeat 3

@@ -232,7 +232,8 @@ def section(rows: list[dict], command: str) -> str:
     for r in rows:
         if r.get("warm_trials_by_base_model"):
             n, s = r["warm_trials_by_base_model"], r["warm_before_step1_s_by_base_model"]
-            ratios.append(f"- {r['mode']} ({r['gpus']} GPU): warm trials' time before step 1, median: on the base "
+            mode = f"{r['mode']} ({', '.join(r['overrides'])})" if r.get("overrides") else r["mode"]
+            ratios.append(f"- {mode}, {r['gpus']} GPU: warm trials' time before step 1, median: on the base "
                           f"model their worker kept {s['reused']:.1f} s ({n['reused']}), loaded {s['loaded']:.1f} s "
                           f"({n['loaded']})")
     # the control (Tune's thread per trial) is not how sweeps run
