@@ -105,13 +105,10 @@ def drop() -> bool:
 
 
 def _rng_state() -> tuple:
-    import random
-
-    import numpy as np
-
+    """torch's generators, which initialise weights (Python's `random` is not one: the first load in a process
+    draws from it, importing something)."""
     cuda = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
-    return (torch.random.get_rng_state().numpy().tobytes(), *cuda, random.getstate(),
-            np.random.get_state()[1].tobytes(), np.random.get_state()[2])
+    return (torch.random.get_rng_state().numpy().tobytes(), *cuda)
 
 
 def _checksum(t: torch.Tensor) -> float:
