@@ -151,3 +151,16 @@ def test_a_trial_without_reuse_drops_the_kept_model(runs, tiny_model):
     del kept
     run_trial(tiny_trial(), "fresh", runs, exp)
     assert gone() is None and not warm_model._kept
+
+
+def test_a_fresh_processs_first_model_is_kept(tiny_model):
+    """A Ray worker's first trial loads in a fresh process, where imports made at the first load draw from
+    Python's `random`: that is no weight initialisation, and the model is kept."""
+    import subprocess
+    import sys
+
+    code = ("from tests.conftest import tiny_trial; from trainables import warm_model; "
+            "from trainables.config import TrialConfig; "
+            "model, _ = warm_model.take(TrialConfig(**tiny_trial())); print('KEEP', warm_model.keep(model))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "KEEP None" in out.stdout, out.stdout + out.stderr[-2000:]
