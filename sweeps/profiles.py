@@ -49,7 +49,8 @@ class Profile:
     # per precision, against 10,813 pairs computed once, when they run on one machine or share the cache).
     reference_cache: bool = False
     # A reused worker's next trial of the same model and precision trains on the base model its last trial left,
-    # with a fresh adapter (trainables/warm_model.py; execution only: same losses, same trial key).
+    # with a fresh adapter (trainables/warm_model.py; execution only: same losses, same trial key). On a GPU: warm
+    # 8B trials reach step 1 in 1.6-2.4 s against 4.0-4.4 s loading (BENCHMARKS.md, 2026-11-24 afternoon).
     reuse_base_model: bool = True
 
     def execution(self) -> dict[str, Any]:
@@ -83,8 +84,11 @@ def _local() -> Profile:
                        step_scale=0.2, pack_by_memory=True, pad_to_multiple_of=64, cudnn_attention=False,
                        description="one local GPU, SmolLM2 trials packed on it by estimated memory")
     cpus = os.cpu_count() or 2
+    # No base-model reuse: SmolLM2 loads in 0.1-0.3 s from the page cache, and checking a kept model costs as much
+    # (BENCHMARKS.md, 2026-11-24 afternoon, CPU).
     return Profile("local", small, cpus_per_trial=max(1, cpus // 2), gpus_per_trial=0, precisions=("fp32",),
-                   step_scale=8 / 300, description=f"CPU only ({cpus} cores), 2 trials at a time, fp32")
+                   step_scale=8 / 300, reuse_base_model=False,
+                   description=f"CPU only ({cpus} cores), 2 trials at a time, fp32")
 
 
 def get(name: str) -> Profile:
