@@ -50,7 +50,7 @@ class Profile:
     reference_cache: bool = False
     # A reused worker's next trial of the same model and precision trains on the base model its last trial left,
     # with a fresh adapter (trainables/warm_model.py; execution only: same losses, same trial key). On a GPU: warm
-    # 8B trials reach step 1 in 1.6-2.4 s against 4.0-4.4 s loading (BENCHMARKS.md, 2026-11-24 afternoon).
+    # 8B trials reach the end of step 1 in 1.6-2.4 s against 4.0-4.4 s loading (BENCHMARKS.md, 2026-11-24 afternoon).
     reuse_base_model: bool = True
 
     def execution(self) -> dict[str, Any]:

@@ -49,9 +49,11 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None, reuse_b
     if train_ds is None:
         train_ds = data.cached_trl(train_raw, cfg.template, tokenizer, cfg.method, cache_root() / "trl_datasets",
                                    max_prompt_tokens=cfg.max_prompt_length)
-    if not reuse_base_model:
+    if reuse_base_model:
+        model, reused = warm_model.take(cfg)
+    else:
         warm_model.drop()  # a model an earlier trial here kept would sit beside this one's on the GPU
-    model, reused = warm_model.take(cfg) if reuse_base_model else (precision.load_model(cfg), False)
+        model, reused = precision.load_model(cfg), False
     lora.check_targets(model, cfg)
     trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)
     trainer.base_model_source = "reused" if reused else "loaded"
