@@ -90,6 +90,11 @@ class TrialConfig(_Strict):
     logging_steps: int = Field(1, ge=1)
     trainer: dict[str, Any] = Field(default_factory=dict)  # any other TRL/transformers TrainingArguments knob
 
+    @property
+    def checkpointing_kwargs(self) -> dict:
+        """The trial's `trainer.gradient_checkpointing_kwargs` (every_n_layers: the memory planner's), {} if unset."""
+        return self.trainer.get("gradient_checkpointing_kwargs") or {}
+
     @model_validator(mode="after")
     def _check(self):
         if self.max_prompt_length >= self.max_length:
@@ -98,7 +103,7 @@ class TrialConfig(_Strict):
             raise ValueError("trainer.gradient_checkpointing: set the trial's `gradient_checkpointing` instead (the "
                              "memory planner may checkpoint fewer layers or none where that fits and is faster, "
                              "tagged exec_gradient_checkpointing)")
-        every_n = (self.trainer.get("gradient_checkpointing_kwargs") or {}).get("every_n_layers", 1)
+        every_n = self.checkpointing_kwargs.get("every_n_layers", 1)
         if not isinstance(every_n, int) or isinstance(every_n, bool) or every_n < 1:
             raise ValueError(f"trainer.gradient_checkpointing_kwargs.every_n_layers = {every_n!r}: a whole number >= 1 "
                              "(checkpoint every n-th decoder layer; 1: all)")

@@ -326,7 +326,7 @@ def trial_peak(cfg: TrialConfig, shape: ModelShape) -> MemoryEstimate:
 def every_n_layers(cfg: TrialConfig) -> int:
     """Checkpoint every n-th decoder layer, from the first (transformers' `gradient_checkpointing_kwargs`
     `every_n_layers`, passed through `trainer`); 1: every layer."""
-    return int((cfg.trainer.get("gradient_checkpointing_kwargs") or {}).get("every_n_layers", 1))
+    return int(cfg.checkpointing_kwargs.get("every_n_layers", 1))
 
 
 def checkpoint_every(cfg: TrialConfig) -> int:
@@ -344,8 +344,7 @@ def with_checkpointing(cfg: TrialConfig, every_n: int | None) -> TrialConfig:
     same (tests/test_trial.py), so the trial's key stays. The n stays in the trainer's gradient_checkpointing_kwargs:
     TRL's reference pass would re-enable checkpointing with them on every layer, which trainables/dpo.py's
     `checkpointing_left_on` keeps it from doing (TRL's toggle runs only for a model that is not a PeftModel)."""
-    kwargs = {k: v for k, v in (cfg.trainer.get("gradient_checkpointing_kwargs") or {}).items()
-              if k != "every_n_layers"}
+    kwargs = {k: v for k, v in cfg.checkpointing_kwargs.items() if k != "every_n_layers"}
     if every_n is not None and every_n > 1:
         kwargs["every_n_layers"] = every_n
     trainer = {k: v for k, v in cfg.trainer.items() if k != "gradient_checkpointing_kwargs"}
@@ -416,8 +415,8 @@ def checkpointing_variants(cfg: TrialConfig, shape: ModelShape) -> list[TrialCon
     """The checkpointing settings open to the trial, most recomputation first. Checkpointing changes memory and
     time, not the result, so a trial's True opens (in PLANS_CHECKPOINTING precisions) every layer, every n-th
     layer for each count of layers that gives, and none; False, or an every_n_layers the trial sets, only itself."""
-    gc_kwargs = cfg.trainer.get("gradient_checkpointing_kwargs") or {}
-    if not cfg.gradient_checkpointing or cfg.precision not in PLANS_CHECKPOINTING or "every_n_layers" in gc_kwargs:
+    if (not cfg.gradient_checkpointing or cfg.precision not in PLANS_CHECKPOINTING
+            or "every_n_layers" in cfg.checkpointing_kwargs):
         return [cfg]
     smallest_n: dict[int, int] = {}  # layers checkpointed -> the smallest n checkpointing that many
     for n in range(1, shape.layers + 1):

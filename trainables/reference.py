@@ -6,11 +6,11 @@ weights, the precision and the pair's tokens, not on the trial's seed, learning 
 multi-seed sweep's DPO and CITA trials of one precision all read the same values. TRL's own
 `precompute_ref_log_probs` caches them too, but keys the cache by a hash of the whole model with its fresh adapter
 (a different key for every seed; on an 8B model its trainer took 87.5 s to build against 13.3 s with this cache's
-miss, most of it likely that hash) and runs the pass over the whole training set in every trial. This module keys them by what they depend on and computes them with TRL's own
-`compute_ref_log_probs`, at the trial's micro-batch.
+miss, most of it likely that hash) and runs the pass over the whole training set in every trial. This module keys
+them by what they depend on and computes them with TRL's own `compute_ref_log_probs`, at the trial's micro-batch.
 
-Measured (BENCHMARKS.md, 2026-11-24): the reference pass is 18-29% of an 8B DPO step (27% of the planned one). The values
-differ from the in-step ones only by the rounding of another batch composition (bf16), as any micro-batch change.
+Measured (BENCHMARKS.md, 2026-11-24): the reference pass is 18-29% of an 8B DPO step (27% of the planned one). The
+values differ from the in-step ones only by the rounding of another batch composition (bf16), as any micro-batch change.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def trl_args(cfg: TrialConfig, config_cls, output_dir: str, **method_kwargs):
         # non-reentrant checkpointing works with frozen embeddings (LoRA) without enable_input_require_grads;
         # the trial's own kwargs add to it (every_n_layers: the memory planner's partial checkpointing)
         gradient_checkpointing_kwargs={"use_reentrant": False,
-                                       **(cfg.trainer.get("gradient_checkpointing_kwargs") or {})},
+                                       **cfg.checkpointing_kwargs},
         report_to="none",          # the trial logs to MLflow itself (trainables/tracking.py)
         save_strategy="no",        # the adapter is saved once, at the end, as an MLflow artifact
         disable_tqdm=True,

@@ -10,10 +10,10 @@ what training changed on the base model (checkpointing, hooks, added attributes 
 requires_grad, train mode, plain config values, the generation config), and keeps the model only if it then
 matches what was loaded: module types, attribute names and plain values, hooks, every parameter's and buffer's
 dtype, shape, device, flags and checksum (bitsandbytes' quantization state too), train mode and configs.
-Otherwise it is dropped and the next trial loads afresh: int8 models, for one, whose weights no longer carry their
-scales (SCB) after a trial (bitsandbytes takes them off at the first forward). A load that draws random numbers (initialising weights
-the checkpoint lacks) is never kept. So a trial's adapter initialisation, and its losses, are the same either way
-(tests/test_warm_model.py).
+Otherwise it is dropped and the next trial loads afresh: int8 models, for one, whose weights no longer carry
+their scales (SCB) after a trial (bitsandbytes takes them off at the first forward). A load that draws random
+numbers (initialising weights the checkpoint lacks) is never kept. So a trial's adapter initialisation, and its
+losses, are the same either way (tests/test_warm_model.py).
 
 Written here because neither PEFT nor transformers offers "the base model as loaded" back after training.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import gc
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -32,7 +33,6 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
                "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)  # attribute values put back as loaded
-_PARTS = ("modules", "tensors", "train mode", "config", "generation config")  # _snapshot's, in order
 _kept: dict = {}  # at most one entry: key -> (model, snapshot)
 _snapshots = weakref.WeakKeyDictionary()  # model `take` handed out -> (key, snapshot, or why it cannot be kept)
 
@@ -73,8 +73,8 @@ def keep(trained) -> str | None:
         return snapshot
     _reset(model, snapshot)
     now = _snapshot(model)
-    changed = [f"{part}: {', '.join(sorted(map(str, _changed(was, now[i])))[:3])}"
-               for i, (part, was) in enumerate(zip(_PARTS, snapshot)) if was != now[i]]
+    changed = [f"{part.replace('_', ' ')}: {', '.join(sorted(map(str, _changed(was, getattr(now, part))))[:3])}"
+               for part, was in snapshot._asdict().items() if was != getattr(now, part)]
     if changed:
         return "; ".join(changed)
     drop()
@@ -125,11 +125,19 @@ def _quantization_state(t: torch.Tensor) -> list:
     return [x for x in found if isinstance(x, torch.Tensor)]
 
 
-@torch.no_grad()
-def _snapshot(model) -> tuple:
+class Snapshot(NamedTuple):
     """What `keep` compares: modules (type, instance attributes, their plain values, hooks), tensors (dtype,
     shape, device, requires_grad, gradient, hooks, checksums of the tensor and its quantization state), train
     mode and configs."""
+    modules: dict
+    tensors: dict
+    train_mode: bool
+    config: dict
+    generation_config: dict | None
+
+
+@torch.no_grad()
+def _snapshot(model) -> Snapshot:
     modules = {name: (type(m).__name__, frozenset(vars(m)),
                       tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN))),
                       tuple(tuple(getattr(m, d)) for d in _HOOK_DICTS))
@@ -138,20 +146,19 @@ def _snapshot(model) -> tuple:
                       bool(getattr(t, "_backward_hooks", None)), bool(getattr(t, "_post_accumulate_grad_hooks", None)),
                       _checksum(t), tuple(_checksum(x) for x in _quantization_state(t)))
                for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    return (modules, tensors, model.training, model.config.to_dict(),
-            model.generation_config.to_dict() if model.generation_config is not None else None)
+    return Snapshot(modules, tensors, model.training, model.config.to_dict(),
+                    model.generation_config.to_dict() if model.generation_config is not None else None)
 
 
-def _reset(model, snapshot):
+def _reset(model, snapshot: Snapshot):
     """Undo what a trial does to its base model beyond the adapter PEFT took off: each value put back is a copy of
     the snapshot's, so that nothing changing it later changes what `keep` compares with."""
-    modules, tensors = snapshot[0], snapshot[1]
     if model.is_gradient_checkpointing:
         model.gradient_checkpointing_disable()
     for name, module in model.named_modules():
-        if name not in modules:
+        if name not in snapshot.modules:
             continue
-        _, attributes, plain, hooks = modules[name]
+        _, attributes, plain, hooks = snapshot.modules[name]
         for extra in set(vars(module)) - attributes:  # e.g. checkpointing's per-layer flags, a hook's handle
             delattr(module, extra)
         for attribute, value in plain:  # e.g. a flag a layer sets on its first forward
@@ -162,12 +169,12 @@ def _reset(model, snapshot):
             for hook_id in [h for h in registered if h not in kept_ids]:
                 del registered[hook_id]
     for name, param in model.named_parameters():
-        if name in tensors:
-            param.requires_grad_(tensors[name][3])
-    model.train(snapshot[2])
-    loaded = snapshot[3]  # e.g. use_cache (evaluation), eos/pad token ids (the trainer aligns them to the tokenizer)
+        if name in snapshot.tensors:
+            param.requires_grad_(snapshot.tensors[name][3])
+    model.train(snapshot.train_mode)
+    loaded = snapshot.config  # e.g. use_cache (evaluation), eos/pad ids (the trainer aligns them to its tokenizer)
     for name, value in model.config.to_dict().items():
-        if name in loaded and value != loaded[name] and isinstance(value, (bool, int, float, str, list, type(None))):
+        if name in loaded and value != loaded[name] and isinstance(value, (*_PLAIN, list)):
             setattr(model.config, name, copy.deepcopy(loaded[name]))
-    if snapshot[4] is not None:  # generation normalizes it (eos_token_id 2 -> [2])
-        model.generation_config = type(model.generation_config).from_dict(copy.deepcopy(snapshot[4]))
+    if snapshot.generation_config is not None:  # generation normalizes it (eos_token_id 2 -> [2])
+        model.generation_config = type(model.generation_config).from_dict(copy.deepcopy(snapshot.generation_config))
