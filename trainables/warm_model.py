@@ -10,8 +10,7 @@ what training changed on the base model (checkpointing, hooks, added attributes 
 requires_grad, train mode, plain config values, the generation config), and keeps the model only if it then
 matches what was loaded: module types, attribute names and plain values, hooks, every parameter's and buffer's
 dtype, shape, device, flags and checksum (bitsandbytes' quantization state too), train mode and configs.
-Otherwise it is dropped and the next trial loads afresh: int8 models, for one, whose weights no longer carry
-their scales (SCB) after a trial (bitsandbytes takes them off at the first forward). A load that draws random
+Otherwise it is dropped and the next trial loads afresh. A load that draws random
 numbers (initialising weights the checkpoint lacks) is never kept. So a trial's adapter initialisation, and its
 losses, are the same either way (tests/test_warm_model.py).
 
@@ -117,11 +116,15 @@ def _checksum(t: torch.Tensor) -> float:
     return float(sum(c.sum(dtype=torch.float64).item() for c in flat.split(1 << 24)))
 
 
-def _quantization_state(t: torch.Tensor) -> list:
-    """bitsandbytes' tensors beside the weight: a 4-bit weight's absmax (and its own quantization's), 8-bit's SCB."""
+def _quantization_state(t: torch.Tensor, owner: torch.nn.Module) -> list:
+    """bitsandbytes' tensors beside the weight: a 4-bit weight's absmax (and its own quantization's), 8-bit's SCB
+    (the scales), which an 8-bit layer moves from its weight to its own `state` at its first forward."""
     state = getattr(t, "quant_state", None)
     nested = getattr(state, "state2", None)
-    found = [getattr(state, "absmax", None), getattr(nested, "absmax", None), getattr(t, "SCB", None)]
+    scales = getattr(t, "SCB", None)
+    if scales is None:
+        scales = getattr(getattr(owner, "state", None), "SCB", None)
+    found = [getattr(state, "absmax", None), getattr(nested, "absmax", None), scales]
     return [x for x in found if isinstance(x, torch.Tensor)]
 
 
@@ -136,6 +139,17 @@ class Snapshot(NamedTuple):
     generation_config: dict | None
 
 
+def _tensors(model):
+    """(owning module, qualified name, tensor) for every parameter and buffer, a tied one once (as
+    `named_parameters` gives them)."""
+    seen = set()
+    for prefix, module in model.named_modules():
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                yield module, f"{prefix}.{name}" if prefix else name, t
+
+
 @torch.no_grad()
 def _snapshot(model) -> Snapshot:
     modules = {name: (type(m).__name__, frozenset(vars(m)),
@@ -144,8 +158,8 @@ def _snapshot(model) -> Snapshot:
                for name, m in model.named_modules()}
     tensors = {name: (t.dtype, tuple(t.shape), t.device, t.requires_grad, t.grad is None,
                       bool(getattr(t, "_backward_hooks", None)), bool(getattr(t, "_post_accumulate_grad_hooks", None)),
-                      _checksum(t), tuple(_checksum(x) for x in _quantization_state(t)))
-               for name, t in [*model.named_parameters(), *model.named_buffers()]}
+                      _checksum(t), tuple(_checksum(x) for x in _quantization_state(t, owner)))
+               for owner, name, t in _tensors(model)}
     return Snapshot(modules, tensors, model.training, model.config.to_dict(),
                     model.generation_config.to_dict() if model.generation_config is not None else None)
 
