@@ -1,9 +1,10 @@
 """Compare step-1 stack samples (trainables/trial.py's $ALIGNSWEEP_PROFILE_STEP1) between groups of trials: where
 a trial's training thread spends its first optimizer step, per trial on average, and what one group spends more
-than another.
+than another. The same for the trial's setup before step 1: give the groups' `before_step1/` directories.
 
     python bench/step1_profiles.py results/prof/alone-as-sweep results/prof/per-gpu-1gpu     # A, then B
     python bench/step1_profiles.py results/prof/per-gpu-1gpu --top 40 --cold
+    python bench/step1_profiles.py results/prof/packed/before_step1                           # setup
 
 Each DIR is a group of `{kind}-{pid}-{n}.folded` files; n = 0 (the worker's first, cold trial) is left out unless
 --cold. Frames are `file:function:line`. Prints, per group, the frames by own time (the sampled stack's top: time

@@ -153,7 +153,8 @@ def _in_step_2():
 
 def test_step_1_profile_when_asked(runs, tiny_model, tmp_path, monkeypatch):
     """$ALIGNSWEEP_PROFILE_STEP1: the training thread's stack sampled through step 1 (not step 2) into
-    {kind}-{pid}-{worker_trial}.folded; a trial that fails inside step 1 leaves no sampler thread running."""
+    {kind}-{pid}-{worker_trial}.folded, and its setup (not step 1) into before_step1/ under the same name; a
+    trial that fails inside step 1 or in its setup leaves no sampler thread running."""
     import os
     import threading
     import time
@@ -182,8 +183,10 @@ def test_step_1_profile_when_asked(runs, tiny_model, tmp_path, monkeypatch):
     assert metrics["sys/first_step_sampled"] == 1 and metrics["time/later_steps_s"] < slow_write  # write left out
     n = trial._trials_in_this_process - 1
     files = sorted(p.name for p in (tmp_path / "prof").iterdir())
-    assert files == [f"sft-lora-fp32-{os.getpid()}-{n}.folded"]
-    lines = (tmp_path / "prof" / files[0]).read_text().splitlines()
+    assert files == ["before_step1", f"sft-lora-fp32-{os.getpid()}-{n}.folded"]
+    setup = (tmp_path / "prof" / "before_step1" / files[1]).read_text()
+    assert ":prepare:" in setup and ":_in_step_1:" not in setup
+    lines = (tmp_path / "prof" / files[1]).read_text().splitlines()
     per_sample = float(lines[0].split()[-1])
     in_step_1 = sum(int(line.rsplit(" ", 1)[1]) for line in lines[1:] if ":_in_step_1:" in line) * per_sample
     assert 0.07 < in_step_1 < 0.2  # the 0.1 s sleep, from 2 ms samples
@@ -192,6 +195,10 @@ def test_step_1_profile_when_asked(runs, tiny_model, tmp_path, monkeypatch):
     assert samplers() == []
     with pytest.raises(RuntimeError, match="boom in step 1"):
         run_trial(tiny_trial(method="sft", max_steps=3), "b", runs, experiment, callbacks=[FailInStep1()])
+    assert samplers() == []
+    monkeypatch.setattr(trial.lora, "check_targets", lambda *a: (_ for _ in ()).throw(ValueError("boom in setup")))
+    with pytest.raises(ValueError, match="boom in setup"):
+        run_trial(tiny_trial(method="sft", max_steps=3), "c", runs, experiment)
     assert samplers() == []
 
 

@@ -74,13 +74,21 @@ def _step_clock(started: float, name: str = "trial"):
 
     With $ALIGNSWEEP_PROFILE_STEP1 set to a directory, the training thread's stack is sampled through step 1
     (trainables/stack_sampler.py, every 2 ms; also inside a Ray worker) and saved there as
-    `{name}-{pid}-{n}.folded` (n: the worker_trial tag); bench/step1_profiles.py compares groups of them. Give
-    an absolute path: Ray Tune runs each trial in its own working directory. Such trials log
-    sys/first_step_sampled, since the sampler's GIL share (a few % on Python-bound code) is in their step 1."""
+    `{name}-{pid}-{n}.folded` (n: the worker_trial tag), and from this clock's creation (the trial's setup, after
+    its MLflow run started) to step 1 as the same name under `before_step1/`; bench/step1_profiles.py compares
+    groups of them. Give an absolute path: Ray Tune runs each trial in its own working directory. Such trials log
+    sys/first_step_sampled, since the sampler's GIL share (a few % on Python-bound code) is in their times."""
     from transformers import TrainerCallback
 
     profile_dir = os.environ.get("ALIGNSWEEP_PROFILE_STEP1")
-    sampler = None
+    sampler = StackSampler(threading.get_ident()).start() if profile_dir else None
+
+    def save(samples: StackSampler, directory: str):
+        try:  # a profile is never worth a trial
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            samples.dump(f"{directory}/{name}-{os.getpid()}-{_trials_in_this_process - 1}.folded")
+        except OSError as err:
+            print(f"stack samples not saved: {err}", flush=True)
 
     def _sync():
         if torch.cuda.is_available():
@@ -90,7 +98,7 @@ def _step_clock(started: float, name: str = "trial"):
         return torch.cuda.memory_stats().get("segment.all.allocated", 0) if torch.cuda.is_available() else 0
 
     class StepClock(TrainerCallback):
-        first_begin = first_end = later_from = last_end = first_cpu = gc_started = None
+        first_begin = first_end = later_from = last_end = first_cpu = gc_started = setup_samples = None
         first_mallocs = 0
         later = 0  # steps after the first
         first_gc = 0.0
@@ -109,6 +117,7 @@ def _step_clock(started: float, name: str = "trial"):
                 self.first_mallocs = _cuda_mallocs()
                 if profile_dir:
                     nonlocal sampler
+                    self.setup_samples = sampler.stop()  # saved after step 1, out of the times
                     sampler = StackSampler(threading.get_ident()).start()
                 self.first_begin, self.first_cpu = time.perf_counter(), time.thread_time()
 
@@ -120,11 +129,8 @@ def _step_clock(started: float, name: str = "trial"):
                 self.first_mallocs = _cuda_mallocs() - self.first_mallocs
                 self.stop_probes()
                 if sampler is not None:
-                    try:  # a profile is never worth a trial
-                        Path(profile_dir).mkdir(parents=True, exist_ok=True)
-                        sampler.dump(f"{profile_dir}/{name}-{os.getpid()}-{_trials_in_this_process - 1}.folded")
-                    except OSError as err:
-                        print(f"step-1 profile not saved: {err}", flush=True)
+                    save(self.setup_samples, f"{profile_dir}/before_step1")
+                    save(sampler, profile_dir)
                     self.later_from = self.last_end = time.perf_counter()  # later steps leave out the write
             else:
                 self.last_end = time.perf_counter()
@@ -159,15 +165,16 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
     per-trial overhead is measured."""
     clock = time.perf_counter()
     steps = _step_clock(started if started is not None else clock, f"{cfg.method}-{cfg.adapter}-{cfg.precision}")
-    trainer, tokenizer, held_out = prepare(cfg, workdir, [*callbacks, steps], reuse_base_model=reuse_base_model)
-    if on_trainer is not None:
-        on_trainer(trainer)
-    phases = {"time/setup_s": time.perf_counter() - clock}
-    clock = time.perf_counter()
     try:
-        trainer.train()
-    except torch.OutOfMemoryError as err:
-        raise TrainingOOM(f"{plan_text(cfg)}: {err}") from None
+        trainer, tokenizer, held_out = prepare(cfg, workdir, [*callbacks, steps], reuse_base_model=reuse_base_model)
+        if on_trainer is not None:
+            on_trainer(trainer)
+        phases = {"time/setup_s": time.perf_counter() - clock}
+        clock = time.perf_counter()
+        try:
+            trainer.train()
+        except torch.OutOfMemoryError as err:
+            raise TrainingOOM(f"{plan_text(cfg)}: {err}") from None
     finally:
         steps.stop_probes()
     phases["time/train_s"] = time.perf_counter() - clock
