@@ -707,10 +707,38 @@ def peak_flops(a) -> tuple[float, str]:
     return float("nan"), f"{name}: unknown peak (pass --peak-tflops)"
 
 
-def run_planner_case(case, env, a) -> dict:
-    """Bare TRL at micro-batch 1 x E, then the trainable at the planner's micro-batch (same E), one after the other."""
+def planned_case(case, env, a, steps_total: int):
+    """(base config at micro-batch 1 x E, the model's shape, the planner's plan for it, budget bytes)."""
     import torch
 
+    from trainables import memory
+
+    method, precision = case.split("-")
+    base_cfg = with_trainable_set(trial_config(method, precision, env.model_name, a.seq, 1, a.effective_batch,
+                                               steps_total), a.trainable_set)
+    shape = shape_of(env.model_name, env.ckpt)
+    if a.budget_gib:
+        budget = int(a.budget_gib * 2**30)
+    elif torch.cuda.is_available():  # what trainables.trial._planned gives a trial holding the whole GPU
+        budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    else:
+        budget = 4 * 2**30
+    planned = memory.plan(base_cfg, shape, budget)
+    if a.checkpointing != "auto":  # the planner's best plan checkpointing every layer (on) or none (off)
+        planned = next((p for p in memory.plan_options(base_cfg, shape, budget)
+                        if memory.checkpointed_layers(p.config, shape) == (shape.layers if a.checkpointing == "on"
+                                                                            else 0)), None)
+        if planned is None:
+            raise ValueError(f"no plan with checkpointing {a.checkpointing} within {budget / 2**30:.1f} GiB (the "
+                             f"planner chooses it for {', '.join(memory.PLANS_CHECKPOINTING)} only)")
+    log(f"{case}: planner: {plan_text(planned.config)} ({memory.checkpointed_layers(planned.config, shape)} of "
+        f"{shape.layers} layers checkpointed; estimate {planned.estimate.gib:.2f} GiB, moment "
+        f"{planned.estimate.moment}) for a {budget / 2**30:.1f} GiB budget")
+    return base_cfg, shape, planned, budget
+
+
+def run_planner_case(case, env, a) -> dict:
+    """Bare TRL at micro-batch 1 x E, then the trainable at the planner's micro-batch (same E), one after the other."""
     method, precision = case.split("-")
     E = a.effective_batch
     steps_total = a.warmup + a.steps + 1
@@ -720,28 +748,10 @@ def run_planner_case(case, env, a) -> dict:
     try:
         from trainables import memory
 
-        base_cfg = with_trainable_set(trial_config(method, precision, env.model_name, a.seq, 1, E, steps_total),
-                                      a.trainable_set)
-        shape = shape_of(env.model_name, env.ckpt)
-        if a.budget_gib:
-            budget = int(a.budget_gib * 2**30)
-        elif torch.cuda.is_available():  # what trainables.trial._planned gives a trial holding the whole GPU
-            budget = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        else:
-            budget = 4 * 2**30
-        planned = memory.plan(base_cfg, shape, budget)
-        if a.checkpointing != "auto":  # the planner's best plan checkpointing every layer (on) or none (off)
-            planned = next((p for p in memory.plan_options(base_cfg, shape, budget)
-                            if memory.checkpointed_layers(p.config, shape) == (shape.layers if a.checkpointing == "on"
-                                                                                else 0)), None)
-            if planned is None:
-                raise ValueError(f"no plan with checkpointing {a.checkpointing} within {budget / 2**30:.1f} GiB (the "
-                                 f"planner chooses it for {', '.join(memory.PLANS_CHECKPOINTING)} only)")
+        base_cfg, shape, planned, budget = planned_case(case, env, a, steps_total)
         mb, ga, est = planned.micro_batch, planned.grad_accum, planned.estimate
-        ckpt_layers = memory.checkpointed_layers(planned.config, shape)
-        res["plan"] = (mb, ga, est.gib, budget / 2**30, f"{ckpt_layers}/{shape.layers}")
-        log(f"{case}: planner: {plan_text(planned.config)} ({ckpt_layers} of {shape.layers} layers checkpointed; "
-            f"estimate {est.gib:.2f} GiB, moment {est.moment}) for a {budget / 2**30:.1f} GiB budget")
+        res["plan"] = (mb, ga, est.gib, budget / 2**30, f"{memory.checkpointed_layers(planned.config, shape)}/"
+                                                        f"{shape.layers}")
         ds = data_for(method, env.ckpt, a.seq, steps_total * E + 8)
         # bare TRL, batch 1 x E, alone on the GPU
         free_memory()
@@ -788,6 +798,66 @@ def run_planner_case(case, env, a) -> dict:
         res["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         free_memory()
     return res
+
+
+WARM_STEPS = 2  # --profile-steps: steps before the profiled ones (first-use costs)
+
+
+def profile_planned_case(case, env, a) -> dict:
+    """The trainable at the planner's plan alone, torch.profiler over --profile-steps steps after WARM_STEPS:
+    where the planned step's device time goes (kernels by group, the GPU's idle share), printed; no table."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from grit_speed import callback
+
+    method = case.split("-")[0]
+    steps_total = WARM_STEPS + a.profile_steps + 1
+    _, _, planned, _ = planned_case(case, env, a, steps_total)
+    ds = data_for(method, env.ckpt, a.seq, steps_total * a.effective_batch + 8)
+    trainer, _, run_id = build_trainable(planned.config, ds, env)
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    window = {}
+
+    def on_step_begin(state):
+        sync()
+        if state.global_step == WARM_STEPS:
+            prof.start()
+            window["start"] = time.perf_counter()
+        elif state.global_step == WARM_STEPS + a.profile_steps:
+            window["seconds"] = time.perf_counter() - window["start"]
+            prof.stop()
+
+    trainer.add_callback(callback(on_step_begin=on_step_begin))
+    trainer.train()
+    env.client.set_terminated(run_id, "FINISHED")
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6  # s, summed over the profiled steps
+    groups = {}
+    for e in kernels:
+        group = kernel_group(e.key)
+        groups[group] = groups.get(group, 0.0) + e.self_device_time_total / 1e6
+    wall = window["seconds"]
+    log(f"{case} profile: {a.profile_steps} steps in {wall:.3f} s ({wall / a.profile_steps:.3f} s/step, profiler "
+        f"on); kernels {busy:.3f} s ({busy / wall:.0%} of the wall; the rest is the GPU idle or kernels overlapping)")
+    for group, seconds in sorted(groups.items(), key=lambda g: -g[1]):
+        log(f"  {group:<22} {seconds / a.profile_steps:.3f} s/step ({seconds / busy:.1%} of kernel time)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70),
+          flush=True)
+    trainer.accelerator.free_memory()
+    return {"profile": groups, "wall": wall, "busy": busy}
+
+
+KERNEL_GROUPS = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+                 ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "splitk", "sm90", "cublas")),
+                 ("copy / cast", ("copy", "cast", "memcpy", "memset", "fill")),
+                 ("reduction / norm", ("reduce", "norm", "sum", "mean", "softmax", "logsumexp")),
+                 ("elementwise", ("elementwise", "vectorized", "pointwise", "triton")))
+
+
+def kernel_group(name: str) -> str:
+    lower = name.lower()
+    return next((group for group, keys in KERNEL_GROUPS if any(k in lower for k in keys)), "other")
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -1001,6 +1071,10 @@ def main():
                          "trainer.precompute_ref_log_probs=true), planned with the change; bare TRL stays as is. "
                          "The report's header names the changes")
     ap.add_argument("--effective-batch", type=int, default=8, help="--planner: sequences (pairs) per step")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="--planner: instead of timing, run the trainable alone at the plan and print a torch.profiler "
+                         f"summary of this many steps after {WARM_STEPS} (kernels by group, the GPU's idle share); "
+                         "appends nothing to the bench file")
     ap.add_argument("--budget-gib", type=float, default=None,
                     help="--planner: memory budget for the planner (default: the GPU's total memory, as a trial "
                          "with the whole GPU gets; 4 GiB on CPU)")
@@ -1028,6 +1102,8 @@ def main():
     if (a.trainable_set or a.checkpointing != "auto") and not a.planner:
         ap.error("--trainable-set and --checkpointing apply to --planner: the side-by-side comparison is at "
                  "identical settings")
+    if a.profile_steps and not a.planner:
+        ap.error("--profile-steps applies to --planner (it profiles the planned trainable)")
     if a.planner and a.swap:
         ap.error("--swap applies to the side-by-side comparison; --planner runs its sides one after the other")
     if a.planner and a.shape != "llama3-8b":
@@ -1053,6 +1129,9 @@ def main():
         for case in a.cases:
             t = time.time()
             log(f"{case} ...")
+            if a.profile_steps:
+                profile_planned_case(case, env, a)
+                continue
             results[case] = (run_planner_case if a.planner else run_case)(case, env, a)
             r = results[case]
             for k in ("bare", "trainable"):
@@ -1074,8 +1153,9 @@ def main():
     except Interrupted as e:
         mark_interrupted(results, a.cases, e)
 
-    publish((planner_report if a.planner else report)(results, a),
-            a.bench_file or (os.path.join(env.tmp, "BENCHMARKS.md") if a.tiny else str(ROOT / "BENCHMARKS.md")))
+    if not a.profile_steps:
+        publish((planner_report if a.planner else report)(results, a),
+                a.bench_file or (os.path.join(env.tmp, "BENCHMARKS.md") if a.tiny else str(ROOT / "BENCHMARKS.md")))
     log(f"done in {time.time() - started:.0f} s")
     if not a.tiny:  # the MLflow store and empty output dirs; the 8B checkpoint stays for the next call
         import shutil

@@ -357,6 +357,28 @@ def test_trainable_vs_trl_runs_end_to_end_with_the_aa_control(tmp_path):
     assert text.count("- cita-fp32: A/A control: see dpo-fp32") == 1
 
 
+def test_planner_profile_mode_profiles_the_planned_steps_and_writes_no_table(tmp_path):
+    """--planner --profile-steps: the trainable alone at the plan, the profiled window's steps timed and summed by
+    kernel group (none on a CPU), and nothing appended to the bench file."""
+    out = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "trainable_vs_trl.py"), "--tiny", "--planner", "--cases", "sft-fp32",
+         "--profile-steps", "2", "--bench-file", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sft-fp32 profile: 2 steps in " in proc.stdout and "aten::" in proc.stdout
+    assert "bare" not in proc.stdout.split("sft-fp32 ...")[1].split("profile:")[0]  # no bare TRL side built
+    assert not out.exists()
+
+
+def test_kernels_are_grouped_by_their_names():
+    tvt = _tvt()
+    names = {"sm90_xmma_gemm_bf16bf16_bf16f32": "matmul", "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matmul",
+             "pytorch_flash::flash_fwd_kernel": "attention", "void at::native::vectorized_elementwise_kernel<4>":
+             "elementwise", "void at::native::reduce_kernel<512, 1>": "reduction / norm",
+             "Memcpy DtoD (Device -> Device)": "copy / cast", "void (anonymous namespace)::indexSelectLargeIndex": "other"}
+    assert {name: tvt.kernel_group(name) for name in names} == names
+
+
 def test_first_step_times_trials_of_one_process_and_profiles_the_slow_ones(tiny_model, capsys, monkeypatch):
     """bench/first_step.py: trials one after another in this process; the second of a kind is a warm kind, the
     step clock adds up, and --profile prints the cProfile of a trial slower than the threshold."""
