@@ -84,3 +84,21 @@ def test_a_reused_base_model_on_cuda_trains_as_a_fresh_one(precision, runs, tiny
     assert losses_reused == pytest.approx(losses, rel=1e-4, abs=1e-6)
     scored = ("eval/pref_accuracy", "eval/reward_margin", "eval/logp_margin")  # generations may part on a near tie
     assert [results_reused[k] for k in scored] == pytest.approx([results[k] for k in scored], rel=1e-3, abs=1e-5)
+
+
+def test_pinned_small_copies_give_the_same_values():
+    """trainables/pinned_copies.py: small copies staged through pinned memory (a cast first on the host) arrive with
+    the values a plain copy gives; large ones and other devices go the plain way."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (this test is opt-in with -m gpu)")
+    from trainables.pinned_copies import SMALL_BYTES, pinned_small_copies
+
+    gen = torch.Generator().manual_seed(0)
+    small, large = torch.randn(64, 16, generator=gen), torch.randn(SMALL_BYTES // 4 + 1, generator=gen)
+    with pinned_small_copies():
+        copies = [small.to("cuda"), small.to("cuda", torch.bfloat16), torch.nn.Parameter(small).to("cuda:0"),
+                  large.to("cuda"), torch.tensor([1.5, 2.5], device="cuda"), small.to(torch.float64)]
+    expected = [small, small.to(torch.bfloat16), small, large, torch.tensor([1.5, 2.5]), small.to(torch.float64)]
+    assert [c.device.type for c in copies] == ["cuda"] * 5 + ["cpu"]
+    for copy, want in zip(copies, expected):
+        assert copy.dtype == want.dtype and torch.equal(copy.cpu(), want)

@@ -20,6 +20,7 @@ import torch
 from trainables import cita, data, dpo, evaluate, lora, memory, precision, sft, tracking, warm_model
 from trainables.config import TrialConfig
 from trainables.models import cache_root, load_tokenizer
+from trainables.pinned_copies import pinned_small_copies
 from trainables.stack_sampler import StackSampler
 
 METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": cita.build_trainer}
@@ -49,13 +50,14 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None, reuse_b
     if train_ds is None:
         train_ds = data.cached_trl(train_raw, cfg.template, tokenizer, cfg.method, cache_root() / "trl_datasets",
                                    max_prompt_tokens=cfg.max_prompt_length)
-    if reuse_base_model:
-        model, reused = warm_model.take(cfg)
-    else:
-        warm_model.drop()  # a model an earlier trial here kept would sit beside this one's on the GPU
-        model, reused = precision.load_model(cfg), False
-    lora.check_targets(model, cfg)
-    trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)
+    with pinned_small_copies():  # small host-to-GPU copies queued, not waited for (a packed GPU serves each wait late)
+        if reuse_base_model:
+            model, reused = warm_model.take(cfg)
+        else:
+            warm_model.drop()  # a model an earlier trial here kept would sit beside this one's on the GPU
+            model, reused = precision.load_model(cfg), False
+        lora.check_targets(model, cfg)
+        trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)
     trainer.base_model_source = "reused" if reused else "loaded"
     trainer.remove_callback(PrinterCallback)  # metrics go to MLflow and Tune, not as dicts on stdout
     return trainer, tokenizer, held_out

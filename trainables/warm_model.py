@@ -110,10 +110,25 @@ def _rng_state() -> tuple:
     return (torch.random.get_rng_state().numpy().tobytes(), *cuda)
 
 
-def _checksum(t: torch.Tensor) -> float:
-    """Sum in float64, in chunks: a whole 8B embedding summed in float64 at once takes a 4 GiB copy."""
+def _checksum(t: torch.Tensor) -> torch.Tensor:
+    """Sum in float64 (a 0-d tensor on t's device), in chunks: a whole 8B embedding summed in float64 at once takes
+    a 4 GiB copy."""
     flat = t.detach().reshape(-1)
-    return float(sum(c.sum(dtype=torch.float64).item() for c in flat.split(1 << 24)))
+    return torch.stack([c.sum(dtype=torch.float64) for c in flat.split(1 << 24)]).sum()
+
+
+def _to_floats(sums: list[torch.Tensor]) -> list[float]:
+    """The checksums as numbers, read from each device at once: one wait for the GPU, not one per tensor (a GPU
+    shared by packed trials serves each wait only in this process's time slice: 1.3 s per snapshot of SmolLM2
+    under 16-way packing, BENCHMARKS.md 2026-11-24 evening)."""
+    values: list[float] = [0.0] * len(sums)
+    by_device: dict = {}
+    for i, s in enumerate(sums):
+        by_device.setdefault(s.device, []).append(i)
+    for indices in by_device.values():
+        for i, v in zip(indices, torch.stack([sums[i] for i in indices]).tolist()):
+            values[i] = v
+    return values
 
 
 def _quantization_state(t: torch.Tensor, owner: torch.nn.Module) -> list:
@@ -156,10 +171,12 @@ def _snapshot(model) -> Snapshot:
                       tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN))),
                       tuple(tuple(getattr(m, d)) for d in _HOOK_DICTS))
                for name, m in model.named_modules()}
+    found = [(name, t, _quantization_state(t, owner)) for owner, name, t in _tensors(model)]
+    sums = iter(_to_floats([_checksum(x) for _, t, quantization in found for x in (t, *quantization)]))
     tensors = {name: (t.dtype, tuple(t.shape), t.device, t.requires_grad, t.grad is None,
                       bool(getattr(t, "_backward_hooks", None)), bool(getattr(t, "_post_accumulate_grad_hooks", None)),
-                      _checksum(t), tuple(_checksum(x) for x in _quantization_state(t, owner)))
-               for owner, name, t in _tensors(model)}
+                      next(sums), tuple(next(sums) for _ in quantization))
+               for name, t, quantization in found}
     return Snapshot(modules, tensors, model.training, model.config.to_dict(),
                     model.generation_config.to_dict() if model.generation_config is not None else None)
 
