@@ -46,8 +46,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$RESULTS
 # 1.77 s median, all within 5 s; SDPA in step 1 0.16 s against 1.90 s with a thread per trial (same VM). Packed
 # (16 on a GPU) read 4.9 s median only with padded lengths, now the GPU profiles' default: re-check it with margin.
 step ray-thread-probe 300 python bench/ray_thread_probe.py
-# int8 base models kept by a warm worker (their scales compared where bitsandbytes moved them), with bf16 and nf4.
-step pytest-reuse 300 python -m pytest -m gpu -q -p no:cacheprovider -k reused
+# int8 base models kept by a warm worker (their scales compared where bitsandbytes moved them), with bf16 and nf4;
+# pinned small copies; Liger's kernels against transformers' layers (that test last: Liger patches the process).
+step pytest-reuse 400 python -m pytest -m gpu -q -p no:cacheprovider -k "reused or pinned or liger"
 # Packed warm trials on a kept model still spend ~2.9 s before step 1 (2026-11-24 afternoon), ~1.1 s alone on a
 # CPU: where, from stack samples of each trial's setup (before_step1/) under 16-way packing.
 step packing-setup-profile 900 python bench/packing.py --mode packed --gpus 1 --packed-seeds 3 \
@@ -57,9 +58,13 @@ step packing-setup-profile 900 python bench/packing.py --mode packed --gpus 1 --
 step planner-profile 900 bash -c 'python bench/trainable_vs_trl.py --checkpoint-only &&
   for liger in false true; do python bench/trainable_vs_trl.py --planner --cases dpo-bf16 --profile-steps 3 \
     --trainable-set trainer.precompute_ref_log_probs=true --trainable-set trainer.use_liger_kernel=$liger; done'
-step planner-liger 900 bash -c 'for liger in false true; do python bench/trainable_vs_trl.py --planner \
+# With Liger the planner counts smaller activations (8B DPO at 80 GB: micro-batch 4, no layer checkpointed); SFT too.
+step planner-liger 1200 bash -c 'python bench/trainable_vs_trl.py --checkpoint-only &&
+  for liger in false true; do python bench/trainable_vs_trl.py --planner \
   --cases dpo-bf16 --bench-file '"$ADD"' --trainable-set trainer.precompute_ref_log_probs=true \
-  --trainable-set trainer.use_liger_kernel=$liger; done'
+  --trainable-set trainer.use_liger_kernel=$liger; done &&
+  python bench/trainable_vs_trl.py --planner --cases sft-bf16 --bench-file '"$ADD"' \
+  --trainable-set trainer.use_liger_kernel=true'
 # Packed warm first step: 4.9 / 5.2 s on two VMs (2026-11-24 midday), what is left being before step 1, where
 # nf4 trials spent 4.8-5.6 s against bf16's 3.2-3.4 (loading and quantizing the base model under 16-way packing). A
 # warm worker's trials now train on the base model its last trial left (trainables/warm_model.py): the control

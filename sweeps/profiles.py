@@ -52,13 +52,18 @@ class Profile:
     # with a fresh adapter (trainables/warm_model.py; execution only: same losses, same trial key). On a GPU: warm
     # 8B trials reach the end of step 1 in 1.6-2.4 s against 4.0-4.4 s loading (BENCHMARKS.md, 2026-11-24 afternoon).
     reuse_base_model: bool = True
+    # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE on GPU trials (transformers' `use_liger_kernel`; execution
+    # only, same trial key; needs the `gpu` extra's liger-kernel). The planned 8B DPO step: 1.757 -> 1.451 s and
+    # 63.5 -> 53.7 GiB, one H100, back to back (BENCHMARKS.md, 2026-11-24 evening); the planner counts the smaller
+    # activations. The SmolLM2 profiles leave it off: each fresh worker compiles the kernels, unmeasured there.
+    liger_kernel: bool = False
 
     def execution(self) -> dict[str, Any]:
         """What this profile changes in how each trial runs, not in what it is: trainables.trial.run_trial's
         keyword arguments."""
         return {"plan_micro_batch": self.plan_micro_batch, "pad_to_multiple_of": self.pad_to_multiple_of,
                 "cudnn_attention": self.cudnn_attention, "reference_cache": self.reference_cache,
-                "reuse_base_model": self.reuse_base_model}
+                "reuse_base_model": self.reuse_base_model, "liger_kernel": self.liger_kernel}
 
     @property
     def cuda(self) -> bool:
@@ -104,10 +109,10 @@ def get(name: str) -> Profile:
                        description="one GPU node, SmolLM2 trials packed on each GPU by estimated memory")
     if name == "lambda":
         return Profile("lambda", _CLUSTER, cpus_per_trial=8, gpus_per_trial=1, precisions=("bf16", "nf4"),
-                       plan_micro_batch=True, reference_cache=True,
+                       plan_micro_batch=True, reference_cache=True, liger_kernel=True,
                        description="Lambda Cloud Ray cluster (cluster/lambda.yaml), one GPU per 8B trial")
     if name == "tacc":
         return Profile("tacc", _CLUSTER, cpus_per_trial=8, gpus_per_trial=1, precisions=("bf16", "nf4"),
-                       plan_micro_batch=True, reference_cache=True,
+                       plan_micro_batch=True, reference_cache=True, liger_kernel=True,
                        description="TACC SLURM allocation (cluster/tacc/), one GPU per 8B trial")
     raise ValueError(f"profile = {name!r}; allowed values: {', '.join(PROFILE_NAMES)}")

@@ -102,3 +102,23 @@ def test_pinned_small_copies_give_the_same_values():
     assert [c.device.type for c in copies] == ["cuda"] * 5 + ["cpu"]
     for copy, want in zip(copies, expected):
         assert copy.dtype == want.dtype and torch.equal(copy.cpu(), want)
+
+
+def test_liger_kernels_train_as_transformers_layers_do(runs, tiny_model):
+    """A profile's liger_kernel (execution only, same trial key): Liger's RMSNorm, SwiGLU and RoPE kernels give the
+    losses of transformers' own layers to bf16 rounding. Last in this file: once used, Liger patches transformers'
+    Llama module for the rest of the process."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (this test is opt-in with -m gpu)")
+    pytest.importorskip("liger_kernel", reason="liger-kernel (the gpu extra) is not installed")
+    client = tracking.client(runs)
+    exp = tracking.ensure_experiment(client, "gpu")
+    cfg = tiny_trial(method="dpo", precision="bf16", max_steps=4)
+    for liger in (False, True):
+        run_trial(cfg, f"liger={liger}", runs, exp, liger_kernel=liger)
+    by_label = {r.data.tags["config_label"]: r for r in client.search_runs([exp])}
+    plain, liger = by_label["liger=False"], by_label["liger=True"]
+    assert liger.data.tags["exec_use_liger_kernel"] == "True" and "exec_use_liger_kernel" not in plain.data.tags
+    assert liger.data.tags["trial_key"] == plain.data.tags["trial_key"]
+    losses = [[m.value for m in client.get_metric_history(r.info.run_id, "train/loss")] for r in (plain, liger)]
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=2e-2)

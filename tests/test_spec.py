@@ -72,6 +72,13 @@ def test_step_scale_keeps_ratios_but_not_overrides():
     assert {t.config.max_steps for t in expand(spec, step_scale=0.05)} == {7}
 
 
+def test_liger_kernels_are_an_execution_choice_of_the_8b_profiles_only():
+    from sweeps import profiles
+
+    assert {name: profiles.get(name).execution()["liger_kernel"] for name in profiles.PROFILE_NAMES} == {
+        "local": False, "gpu": False, "lambda": True, "tacc": True}
+
+
 def test_profile_then_spec_then_override_precedence():
     spec = _spec(base={"precision": "fp32", "n_train": 10}, grid={}, seeds=[1])
     (t,) = expand(spec, {"n_train": 99, "n_eval": 7})

@@ -588,8 +588,10 @@ def test_reference_cache_is_execution_only_and_for_pair_methods(runs, tiny_model
     client = tracking.client(runs)
     exp = tracking.ensure_experiment(client, "t")
     for method in ("dpo", "sft"):
-        run_trial(tiny_trial(method=method), method, runs, exp, reference_cache=True, cudnn_attention=False)
+        run_trial(tiny_trial(method=method), method, runs, exp, reference_cache=True, cudnn_attention=False,
+                  liger_kernel=True)
     by_label = {r.data.tags["config_label"]: r.data.tags for r in client.search_runs([exp])}
+    assert not any("exec_use_liger_kernel" in tags for tags in by_label.values())  # Triton: GPU trials only
     assert by_label["dpo"]["exec_precompute_ref_log_probs"] == "True" and by_label["dpo"]["reference_cache"] == "miss"
     assert by_label["sft"]["exec_cudnn_attention"] == "false" and "reference_cache" not in by_label["sft"]
     assert "exec_precompute_ref_log_probs" not in by_label["sft"]

@@ -189,8 +189,10 @@ class MemoryEstimate:
         return self.total - self.static
 
 
-def _layer_saved(cfg: TrialConfig, shape: ModelShape, p: _Precision, tokens: int, padded: bool) -> int:
-    """Bytes one decoder layer keeps for its backward (checked against autograd's saved tensors on CPU)."""
+def _layer_saved(cfg: TrialConfig, shape: ModelShape, p: _Precision, tokens: int, padded: bool,
+                 liger: bool = False) -> int:
+    """Bytes one decoder layer keeps for its backward (checked against autograd's saved tensors on CPU; with
+    Liger's kernels against a measured peak, on a GPU)."""
     a, t, h, i = p.act, tokens, shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     targets = set(cfg.lora.target_modules)
@@ -201,15 +203,28 @@ def _layer_saved(cfg: TrialConfig, shape: ModelShape, p: _Precision, tokens: int
             return lora * a * t * width  # a bf16 copy per LoRA module
         return a * t * width if lora or p.base_saves_input else 0
 
-    saved = 2 * 4 * t * h  # both RMSNorms keep their input in fp32
+    saved = 2 * _norm_saved(p, t, h, liger)
     saved += linear_input(("q_proj", "k_proj", "v_proj"), h) + linear_input(("gate_proj", "up_proj"), h)
     saved += linear_input(("down_proj",), i)
     saved += a * t * q if p.lora_copy and "o_proj" in targets else 0  # o_proj's input is SDPA's saved output
     kv_saved = q if padded else kv  # with a padding mask transformers repeats K/V to all heads for SDPA
     saved += a * t * (2 * q + 2 * kv_saved) + 4 * t * shape.heads  # q, k, v, output, logsumexp
-    saved += 3 * a * t * i  # SiLU keeps gate's output; the product keeps silu(gate) and up's output
+    # SiLU keeps gate's output; the product keeps silu(gate) and up's output. Liger's fused SiLU-and-multiply keeps
+    # only gate's and up's outputs (silu recomputed in its backward).
+    saved += (2 if liger else 3) * a * t * i
     saved += len(targets) * a * t * cfg.lora.r  # lora_B keeps the rank-r activation
     return saved
+
+
+def _norm_saved(p: _Precision, tokens: int, hidden: int, liger: bool) -> int:
+    """An RMSNorm keeps its input in fp32 (transformers' upcast); Liger's kernel keeps the input as it came (bf16
+    under autocast) and one fp32 reciprocal RMS per token."""
+    return p.act * tokens * hidden + 4 * tokens if liger else 4 * tokens * hidden
+
+
+def uses_liger(cfg: TrialConfig) -> bool:
+    """Liger's layer kernels (RMSNorm, SwiGLU, RoPE; `trainer.use_liger_kernel`): Triton, so GPU trials only."""
+    return bool(cfg.trainer.get("use_liger_kernel")) and cfg.precision != "fp32"
 
 
 def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None = None,
@@ -248,7 +263,8 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
     static = {"weights": weight_bytes(shape, cfg.precision), "adapter": adapter, "grit": grit}
     allocated_once = static["weights"] + adapter
 
-    layer = _layer_saved(cfg, shape, p, t, padded)
+    liger = uses_liger(cfg)
+    layer = _layer_saved(cfg, shape, p, t, padded, liger)
     mask = seqs * seq * seq if padded else 0
     ckpt = checkpointed_layers(cfg, shape)
     kept = shape.layers - ckpt
@@ -275,7 +291,7 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
     logits = rows * LM_TILE_VOCAB * a
     if cfg.precision == "fp32":
         logits += rows * min(shape.vocab, LM_TILE_VOCAB) * CPU_TILE_TEMP_BYTES
-    lm_saved = 4 * t * h + a * scored * h  # final RMSNorm's fp32 input; the LM head's input (a gathered copy)
+    lm_saved = _norm_saved(p, t, h, liger) + a * scored * h  # the final RMSNorm's; the LM head's input (a copy)
     lm_bwd = 4 * scored * h + a * scored * h  # fp32 gradient accumulator of the hidden states, and its cast
 
     zero = {"activations": 0, "logits": 0, "backward": 0, "optimizer_step": 0}

@@ -8,6 +8,7 @@ with half the micro-batch and twice the accumulation (same effective batch), dow
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import tempfile
 import threading
@@ -223,7 +224,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
               report: Callable[[dict], None] | None = None, threads: int | None = None,
               variant: str = "", gpu_share: float = 1.0, plan_micro_batch: bool = False,
               pad_to_multiple_of: int | None = None, cudnn_attention: bool = True, reference_cache: bool = False,
-              reuse_base_model: bool = False, callbacks=()) -> dict[str, float]:
+              reuse_base_model: bool = False, liger_kernel: bool = False, callbacks=()) -> dict[str, float]:
     """Run one trial, filed as an MLflow child run. A failure is recorded on the run, then re-raised.
 
     gpu_share: the fraction of the GPU this trial was given (Ray's fractional GPU). plan_micro_batch: train at the
@@ -233,7 +234,10 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     kernels, for this process (no graph builds per shape). reference_cache: DPO/CITA read the reference log-probs
     from the cache shared across trials (trainables/reference.py) unless the config's trainer knobs say.
     reuse_base_model: train on the base model this process's last trial left, when of the same model and precision
-    (trainables/warm_model.py), and leave this one's for the next. These change how the trial runs, not its key.
+    (trainables/warm_model.py), and leave this one's for the next. liger_kernel: Liger's kernels for RMSNorm, SwiGLU
+    and RoPE on a GPU (`use_liger_kernel`) unless the config's trainer knobs say; once a process has used them,
+    its later Llama models are built with them (Liger patches transformers' module). These change how the trial
+    runs, not its key.
     callbacks: more transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
     global _trials_in_this_process
     started = time.perf_counter()
@@ -259,7 +263,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     _trials_in_this_process += 1
     _this_thread.trials = thread_trials + 1
     metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch,
-                            pad_to_multiple_of, reference_cache, reuse_base_model, callbacks)
+                            pad_to_multiple_of, reference_cache, reuse_base_model, liger_kernel, callbacks)
     _freeze_once()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
@@ -267,7 +271,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
 
 
 def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch, pad_to_multiple_of,
-                  reference_cache, reuse_base_model, callbacks) -> dict:
+                  reference_cache, reuse_base_model, liger_kernel, callbacks) -> dict:
     """The trial's attempts: OOM in training retries as `after_oom` says."""
     attempt, checkpointed, retries = cfg, None, 0
     try:
@@ -276,6 +280,12 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
             execution["pad_to_multiple_of"] = pad_to_multiple_of
         if reference_cache and cfg.method in ("dpo", "cita"):
             execution["precompute_ref_log_probs"] = True
+        if liger_kernel and torch.cuda.is_available() and cfg.precision != "fp32":  # Triton kernels: GPU only
+            if importlib.util.find_spec("liger_kernel"):
+                execution["use_liger_kernel"] = True
+            else:  # a profile's speed-up, not the trial's definition: train without it, and say so
+                print(f"{label}: liger-kernel is not installed (pip install -e '.[gpu]'): training without its "
+                      "kernels", flush=True)
         execution = {k: v for k, v in execution.items() if k not in cfg.trainer}
         if execution:
             attempt = cfg.model_copy(update={"trainer": {**cfg.trainer, **execution}})
