@@ -97,9 +97,11 @@ def test_pinned_small_copies_give_the_same_values():
     small, large = torch.randn(64, 16, generator=gen), torch.randn(SMALL_BYTES // 4 + 1, generator=gen)
     with pinned_small_copies():
         copies = [small.to("cuda"), small.to("cuda", torch.bfloat16), torch.nn.Parameter(small).to("cuda:0"),
-                  large.to("cuda"), torch.tensor([1.5, 2.5], device="cuda"), small.to(torch.float64)]
-    expected = [small, small.to(torch.bfloat16), small, large, torch.tensor([1.5, 2.5]), small.to(torch.float64)]
-    assert [c.device.type for c in copies] == ["cuda"] * 5 + ["cpu"]
+                  large.to("cuda"), torch.tensor([1.5, 2.5], device="cuda"), small.to("cuda", copy=True),
+                  small.to(torch.float64)]
+    expected = [small, small.to(torch.bfloat16), small, large, torch.tensor([1.5, 2.5]), small,
+                small.to(torch.float64)]
+    assert [c.device.type for c in copies] == ["cuda"] * 6 + ["cpu"]
     for copy, want in zip(copies, expected):
         assert copy.dtype == want.dtype and torch.equal(copy.cpu(), want)
 

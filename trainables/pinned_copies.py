@@ -20,7 +20,8 @@ SMALL_BYTES = 4 << 20  # larger copies are bandwidth-bound (and pinning a whole 
 class _PinnedCopies(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.to and args and type(args[0]) in (torch.Tensor, torch.nn.Parameter):
+        if (func is torch.Tensor.to and args and type(args[0]) in (torch.Tensor, torch.nn.Parameter)
+                and set(kwargs) <= {"device", "dtype", "non_blocking"}):  # not `copy=`, `memory_format=`
             device, dtype, _, memory_format = torch._C._nn._parse_to(*args[1:], **kwargs)
             src = args[0]
             if (device is not None and device.type == "cuda" and src.device.type == "cpu" and memory_format is None
