@@ -848,10 +848,11 @@ def profile_planned_case(case, env, a) -> dict:
     return {"profile": groups, "wall": wall, "busy": busy}
 
 
-KERNEL_GROUPS = (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+KERNEL_GROUPS = (("Liger (Triton)", ("swiglu", "_rope", "rms_norm", "liger")),
+                 ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
                  ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "matmul", "splitk", "sm90", "cublas")),
                  ("copy / cast", ("copy", "cast", "memcpy", "memset", "fill")),
-                 ("reduction / norm", ("reduce", "norm", "sum", "mean", "softmax", "logsumexp")),
+                 ("reduction / norm", ("reduce", "norm_", "_norm", "sum", "mean", "softmax", "logsumexp")),
                  ("elementwise", ("elementwise", "vectorized", "pointwise", "triton")))
 
 

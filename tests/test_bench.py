@@ -375,7 +375,10 @@ def test_kernels_are_grouped_by_their_names():
     names = {"sm90_xmma_gemm_bf16bf16_bf16f32": "matmul", "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT": "matmul",
              "pytorch_flash::flash_fwd_kernel": "attention", "void at::native::vectorized_elementwise_kernel<4>":
              "elementwise", "void at::native::reduce_kernel<512, 1>": "reduction / norm",
-             "Memcpy DtoD (Device -> Device)": "copy / cast", "void (anonymous namespace)::indexSelectLargeIndex": "other"}
+             "Memcpy DtoD (Device -> Device)": "copy / cast", "_swiglu_backward_kernel": "Liger (Triton)",
+             "_triton_rope": "Liger (Triton)", "_rms_norm_forward_kernel": "Liger (Triton)",
+             "void at::native::distribution_elementwise_grid_stride_kernel<normal>": "elementwise",
+             "void (anonymous namespace)::indexSelectLargeIndex": "other"}
     assert {name: tvt.kernel_group(name) for name in names} == names
 
 

@@ -8,6 +8,7 @@ import inspect
 
 from trainables import lora, reference
 from trainables.config import TrialConfig
+from trainables.pinned_copies import pinned_small_copies
 from trainables.training_args import trl_args
 
 
@@ -60,9 +61,15 @@ def build_pair_trainer(trainer_cls, cfg: TrialConfig, model, tokenizer, train_ds
 
     args = trl_args(cfg, DPOConfig, output_dir, beta=cfg.beta, **(args_kwargs or {}))
     shared_reference, args.precompute_ref_log_probs = args.precompute_ref_log_probs, False
-    trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                          callbacks=list(callbacks), peft_config=lora.peft_config(cfg), **trainer_kwargs)
+    with pinned_small_copies():  # PEFT moves each new LoRA matrix to the GPU (not the reference pass below)
+        trainer = trainer_cls(model=model, ref_model=None, args=args, train_dataset=train_ds,
+                              processing_class=tokenizer, callbacks=list(callbacks), peft_config=lora.peft_config(cfg),
+                              **trainer_kwargs)
     if shared_reference:
+        if args.use_liger_kernel:  # the reference pass with the kernels the policy trains with (transformers applies
+            from transformers.integrations.liger import apply_liger_kernel  # them only when training starts)
+
+            apply_liger_kernel(trainer.model, args.liger_kernel_config)
         trainer.reference_cache = reference.attach(trainer, cfg, args.precompute_ref_batch_size)
         args.precompute_ref_log_probs = True  # what the trainer does (TRL reads the argument only when built)
     return trainer

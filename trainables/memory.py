@@ -222,9 +222,13 @@ def _norm_saved(p: _Precision, tokens: int, hidden: int, liger: bool) -> int:
     return p.act * tokens * hidden + 4 * tokens if liger else 4 * tokens * hidden
 
 
+LIGER_PRECISIONS = ("bf16", "nf4", "int8")  # Liger's kernels are Triton's: GPU precisions (fp32 is the CPU profile)
+
+
 def uses_liger(cfg: TrialConfig) -> bool:
-    """Liger's layer kernels (RMSNorm, SwiGLU, RoPE; `trainer.use_liger_kernel`): Triton, so GPU trials only."""
-    return bool(cfg.trainer.get("use_liger_kernel")) and cfg.precision != "fp32"
+    """Liger's layer kernels (RMSNorm, SwiGLU, RoPE; `trainer.use_liger_kernel`). The planner assumes the model is one
+    Liger patches (the Llama family of the studies): on another it would patch nothing and the estimate be low."""
+    return bool(cfg.trainer.get("use_liger_kernel")) and cfg.precision in LIGER_PRECISIONS
 
 
 def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None = None,

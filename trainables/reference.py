@@ -30,8 +30,8 @@ COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 def cache_key(trainer, cfg) -> str:
     """What the reference log-probs of the trainer's (tokenized) training set depend on: the weights, the precision,
-    the pairs' tokens (template, tokenizer and prompt truncation are in them) and how TRL's collator and
-    reference pass treat them (truncation to max_length, ld_alpha's weighting)."""
+    the pairs' tokens (template, tokenizer and prompt truncation are in them), how TRL's collator and
+    reference pass treat them (truncation to max_length, ld_alpha's weighting) and the layers' kernels (Liger's)."""
     import trl
     import transformers
 
@@ -40,6 +40,8 @@ def cache_key(trainer, cfg) -> str:
              tokens_hash(trainer.train_dataset), trainer.args.max_length, trainer.args.truncation_mode,
              trainer.args.ld_alpha, trl.__version__, transformers.__version__, torch.__version__,
              str(trainer.accelerator.device.type)]
+    if trainer.args.use_liger_kernel:  # only then: caches from before this part stay valid
+        parts.append(["liger", trainer.args.liger_kernel_config])
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
 
 

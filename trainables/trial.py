@@ -7,9 +7,11 @@ with half the micro-batch and twice the accumulation (same effective batch), dow
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -57,8 +59,8 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None, reuse_b
         else:
             warm_model.drop()  # a model an earlier trial here kept would sit beside this one's on the GPU
             model, reused = precision.load_model(cfg), False
-        lora.check_targets(model, cfg)
-        trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)
+    lora.check_targets(model, cfg)
+    trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)  # its own copies too
     trainer.base_model_source = "reused" if reused else "loaded"
     trainer.remove_callback(PrinterCallback)  # metrics go to MLflow and Tune, not as dicts on stdout
     return trainer, tokenizer, held_out
@@ -235,9 +237,8 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     from the cache shared across trials (trainables/reference.py) unless the config's trainer knobs say.
     reuse_base_model: train on the base model this process's last trial left, when of the same model and precision
     (trainables/warm_model.py), and leave this one's for the next. liger_kernel: Liger's kernels for RMSNorm, SwiGLU
-    and RoPE on a GPU (`use_liger_kernel`) unless the config's trainer knobs say; once a process has used them,
-    its later Llama models are built with them (Liger patches transformers' module). These change how the trial
-    runs, not its key.
+    and RoPE on a GPU (`use_liger_kernel`) unless the config's trainer knobs say (Liger's patches of transformers'
+    modules are undone after the trial). These change how the trial runs, not its key.
     callbacks: more transformers TrainerCallbacks for its trainer (bench/first_step.py profiles with one)."""
     global _trials_in_this_process
     started = time.perf_counter()
@@ -280,7 +281,7 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
             execution["pad_to_multiple_of"] = pad_to_multiple_of
         if reference_cache and cfg.method in ("dpo", "cita"):
             execution["precompute_ref_log_probs"] = True
-        if liger_kernel and torch.cuda.is_available() and cfg.precision != "fp32":  # Triton kernels: GPU only
+        if liger_kernel and torch.cuda.is_available() and cfg.precision in memory.LIGER_PRECISIONS:
             if importlib.util.find_spec("liger_kernel"):
                 execution["use_liger_kernel"] = True
             else:  # a profile's speed-up, not the trial's definition: train without it, and say so
@@ -323,6 +324,27 @@ def _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_m
     return metrics
 
 
+@contextlib.contextmanager
+def _module_patches_undone(cfg: TrialConfig):
+    """Liger patches transformers' modeling modules for the whole process (its RoPE function, RMSNorm and MLP
+    classes), besides each model instance: put the modules back after a trial that used it, so that a later trial's
+    layers do not depend on which trials this worker ran before (warm_model undoes a kept model's instance
+    patches)."""
+    if not memory.uses_liger(cfg):
+        yield
+        return
+    modules = {name: module for name, module in list(sys.modules.items())
+               if name.startswith("transformers.models.") and ".modeling_" in name}
+    saved = {name: dict(vars(module)) for name, module in modules.items()}
+    try:
+        yield
+    finally:
+        for name, module in modules.items():
+            for key, value in saved[name].items():
+                if vars(module).get(key) is not value:
+                    setattr(module, key, value)
+
+
 def plan_text(cfg: TrialConfig) -> str:
     every_n = memory.checkpoint_every(cfg)
     return (f"micro_batch={cfg.micro_batch} grad_accum={cfg.grad_accum} gradient_checkpointing="
@@ -359,7 +381,7 @@ def _attempt(cfg: TrialConfig, client, run_id: str, report, started: float, extr
         return grit_controller[0].metrics() if grit_controller else {}
 
     logger = tracking.step_logger(client, run_id, report, extra_metrics)
-    with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as workdir, _module_patches_undone(cfg):
         try:
             model, _, items, metrics, step = train_and_evaluate(cfg, workdir, [logger, *callbacks],
                                                                 attach_adapter_extras, started, reuse_base_model)

@@ -137,7 +137,7 @@ def _quantization_state(t: torch.Tensor, owner: torch.nn.Module) -> list:
     state = getattr(t, "quant_state", None)
     nested = getattr(state, "state2", None)
     scales = getattr(t, "SCB", None)
-    if scales is None:
+    if scales is None and t is getattr(owner, "weight", None):  # the layer's weight's, not its bias's
         scales = getattr(getattr(owner, "state", None), "SCB", None)
     found = [getattr(state, "absmax", None), getattr(nested, "absmax", None), scales]
     return [x for x in found if isinstance(x, torch.Tensor)]
