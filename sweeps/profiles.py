@@ -53,9 +53,10 @@ class Profile:
     # 8B trials reach the end of step 1 in 1.6-2.4 s against 4.0-4.4 s loading (BENCHMARKS.md, 2026-11-24 afternoon).
     reuse_base_model: bool = True
     # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE on GPU trials (transformers' `use_liger_kernel`; execution
-    # only, same trial key; needs the `gpu` extra's liger-kernel). The planned 8B DPO step: 1.757 -> 1.451 s and
-    # 63.5 -> 53.7 GiB, one H100, back to back (BENCHMARKS.md, 2026-11-24 evening); the planner counts the smaller
-    # activations. The SmolLM2 profiles leave it off: each fresh worker compiles the kernels, unmeasured there.
+    # only, same trial key; needs the `gpu` extra's liger-kernel). The planner counts the smaller activations, so on
+    # an 80 GB H100 the 8B step needs no checkpointing: DPO 1.773 -> 1.392 s, SFT 0.706 s at micro-batch 8 (4.6x and
+    # 6.6x bare TRL batch 1; BENCHMARKS.md, 2026-11-24 15:40-17:10). The SmolLM2 profiles leave it off: each fresh
+    # worker compiles the kernels, unmeasured there.
     liger_kernel: bool = False
 
     def execution(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 A copy from ordinary (pageable) host memory returns only once the GPU has made it, and a GPU that several
 processes share by time-slicing (trials packed on one GPU) makes it only in this process's slice. SmolLM2 trials
 packed 16 on an H100 spent 1.3 s of their setup in PEFT moving each new LoRA matrix to the GPU (210 modules, 420
-matrices), and 0.3 s in bitsandbytes' 16-value NF4 tables (stack samples of the setup, BENCHMARKS.md 2026-11-24).
+matrices), and 0.3 s in bitsandbytes' 16-value NF4 tables (stack samples of the setup, BENCHMARKS.md 2026-11-24 15:40-17:10).
 Staged through a fresh pinned copy, a copy is queued on the GPU's stream and the CPU goes on; the values are the
 same. Written here because neither PEFT nor bitsandbytes pins or batches these copies.
 """

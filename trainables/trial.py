@@ -60,7 +60,7 @@ def prepare(cfg: TrialConfig, workdir: str, callbacks=(), train_ds=None, reuse_b
             warm_model.drop()  # a model an earlier trial here kept would sit beside this one's on the GPU
             model, reused = precision.load_model(cfg), False
     lora.check_targets(model, cfg)
-    trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)  # its own copies too
+    trainer = METHOD_TRAINERS[cfg.method](cfg, model, tokenizer, train_ds, workdir, callbacks)  # pins its LoRA moves
     trainer.base_model_source = "reused" if reused else "loaded"
     trainer.remove_callback(PrinterCallback)  # metrics go to MLflow and Tune, not as dicts on stdout
     return trainer, tokenizer, held_out
