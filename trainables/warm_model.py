@@ -120,7 +120,7 @@ def _checksum(t: torch.Tensor) -> torch.Tensor:
 def _to_floats(sums: list[torch.Tensor]) -> list[float]:
     """The checksums as numbers, read from each device at once: one wait for the GPU, not one per tensor (a GPU
     shared by packed trials serves each wait only in this process's time slice: 1.3 s per snapshot of SmolLM2
-    under 16-way packing, BENCHMARKS.md 2026-11-24 evening)."""
+    under 16-way packing, BENCHMARKS.md 2026-11-24 15:40-17:10)."""
     values: list[float] = [0.0] * len(sums)
     by_device: dict = {}
     for i, s in enumerate(sums):
