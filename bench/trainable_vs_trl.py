@@ -805,7 +805,7 @@ WARM_STEPS = 2  # --profile-steps: steps before the profiled ones (first-use cos
 
 def profile_planned_case(case, env, a) -> dict:
     """The trainable at the planner's plan alone, torch.profiler over --profile-steps steps after WARM_STEPS:
-    where the planned step's device time goes (kernels by group, the GPU's idle share), printed; no table."""
+    where the planned step's device time goes (kernels by group, their share of the wall), printed; no table."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -1074,7 +1074,7 @@ def main():
     ap.add_argument("--effective-batch", type=int, default=8, help="--planner: sequences (pairs) per step")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="--planner: instead of timing, run the trainable alone at the plan and print a torch.profiler "
-                         f"summary of this many steps after {WARM_STEPS} (kernels by group, the GPU's idle share); "
+                         f"summary of this many steps after {WARM_STEPS} (kernels by group, their share of the wall); "
                          "appends nothing to the bench file")
     ap.add_argument("--budget-gib", type=float, default=None,
                     help="--planner: memory budget for the planner (default: the GPU's total memory, as a trial "

@@ -10,9 +10,9 @@ what training changed on the base model (checkpointing, hooks, added attributes 
 requires_grad, train mode, plain config values, the generation config), and keeps the model only if it then
 matches what was loaded: module types, attribute names and plain values, hooks, every parameter's and buffer's
 dtype, shape, device, flags and checksum (bitsandbytes' quantization state too), train mode and configs.
-Otherwise it is dropped and the next trial loads afresh. A load that draws random
-numbers (initialising weights the checkpoint lacks) is never kept. So a trial's adapter initialisation, and its
-losses, are the same either way (tests/test_warm_model.py).
+Otherwise it is dropped and the next trial loads afresh. A load that draws random numbers (initialising weights
+the checkpoint lacks) is never kept. So a trial's adapter initialisation, and its losses, are the same either way
+(tests/test_warm_model.py).
 
 Written here because neither PEFT nor transformers offers "the base model as loaded" back after training.
 """
