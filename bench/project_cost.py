@@ -110,8 +110,11 @@ def calibrate(model: str, precisions: list[str], steps: int, data: str, n_eval: 
     for label, experiment, cfg in todo:
         print(f"calibrating {label} on {model} ({cfg['max_steps']} steps)", flush=True)
         try:
+            # as the profile trains (planned micro-batch, Liger's kernels), but without its shared reference cache:
+            # its one-time pass over the whole training set would be priced into every trial's setup, so DPO/CITA
+            # steps are priced with their reference forward (~27% of the planned 8B step) instead
             run_trial(cfg, label, uri, tracking.ensure_experiment(client, experiment), gpu_share=profile.gpus_per_trial,
-                      plan_micro_batch=profile.plan_micro_batch)
+                      plan_micro_batch=profile.plan_micro_batch, liger_kernel=profile.liger_kernel)
         except Exception:  # noqa: BLE001 - one failed kind must not lose the others
             print("  failed:", "".join(traceback.format_exc(limit=-4)), flush=True)
         free_memory()  # a failed trial's model is garbage only now that its traceback is gone

@@ -102,6 +102,21 @@ def test_project_cost_calibrates_each_kind_once_and_projects_every_trial(runs, t
                                "local")
 
 
+def test_project_cost_calibrates_as_the_profile_trains(runs, monkeypatch):
+    """Calibration trials run at the profile's planned micro-batch and with its Liger kernels (the lambda profile's
+    8B trials), one per kind after the warm-up."""
+    import project_cost
+
+    from trainables import trial
+
+    calls = []
+    monkeypatch.setattr(trial, "run_trial", lambda cfg, label, *a, **kw: calls.append((label, kw)))
+    project_cost.calibrate("tiny-random", ["bf16"], steps=2, data="generated", n_eval=4, n_generate=1,
+                           tracking_uri=runs, profile_name="lambda")
+    assert calls[0][0] == "warm-up" and len(calls) == 1 + 6  # sft/dpo/cita x lora/grit at bf16
+    assert all(kw["plan_micro_batch"] and kw["liger_kernel"] and kw["gpu_share"] == 1 for _, kw in calls)
+
+
 def test_project_cost_prices_training_once_costs_apart_from_the_later_steps():
     from types import SimpleNamespace
 
