@@ -113,22 +113,19 @@ def _rng_state() -> tuple:
 def _checksum(t: torch.Tensor) -> torch.Tensor:
     """Sum in float64 (a 0-d tensor on t's device), in chunks: a whole 8B embedding summed in float64 at once takes
     a 4 GiB copy."""
-    flat = t.detach().reshape(-1)
-    return torch.stack([c.sum(dtype=torch.float64) for c in flat.split(1 << 24)]).sum()
+    chunks = [c.sum(dtype=torch.float64) for c in t.detach().reshape(-1).split(1 << 24)]
+    return chunks[0] if len(chunks) == 1 else torch.stack(chunks).sum()  # most tensors: one chunk, one kernel
 
 
 def _to_floats(sums: list[torch.Tensor]) -> list[float]:
     """The checksums as numbers, read from each device at once: one wait for the GPU, not one per tensor (a GPU
     shared by packed trials serves each wait only in this process's time slice: 1.3 s per snapshot of SmolLM2
     under 16-way packing, BENCHMARKS.md 2026-11-24 15:40-17:10)."""
-    values: list[float] = [0.0] * len(sums)
-    by_device: dict = {}
-    for i, s in enumerate(sums):
-        by_device.setdefault(s.device, []).append(i)
-    for indices in by_device.values():
-        for i, v in zip(indices, torch.stack([sums[i] for i in indices]).tolist()):
-            values[i] = v
-    return values
+    read = {}
+    for device in {s.device for s in sums}:
+        on_device = [i for i, s in enumerate(sums) if s.device == device]
+        read.update(zip(on_device, torch.stack([sums[i] for i in on_device]).tolist()))
+    return [read[i] for i in range(len(sums))]
 
 
 def _quantization_state(t: torch.Tensor, owner: torch.nn.Module) -> list:
