@@ -143,8 +143,10 @@ step packing-new-thread 900 python bench/packing.py --mode per-gpu-new-thread --
 step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RESULTS/prof/alone-as-sweep" \
                      python bench/first_step.py --as-sweep --repeat 1 --threads 1 --in-thread \
                      ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
-step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases ${TVT_8B_NF4_CASES:-dpo-nf4 sft-nf4} --steps ${TVT_STEPS:-30} --block 1 --control --swap \
-                     --bench-file "$ADD"
+# 8B dpo-nf4 read 1.022 (30 steps) and 1.032 (60), CIs reaching below 1; single steps varied up to 2x. --times
+# keeps each step's thread CPU, GC pauses and host steal to see where that noise comes from.
+step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases ${TVT_8B_NF4_CASES:-dpo-nf4 sft-nf4} --steps ${TVT_STEPS:-30} \
+                     --block 1 ${TVT_CONTROL---control} --swap --times "$RESULTS/tvt-times.jsonl" --bench-file "$ADD"
 step tvt-8b-bf16 1200 python bench/trainable_vs_trl.py --cases dpo-bf16 sft-bf16 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"
 # Trial start -> first step on one warm worker (target <= 5 s), every kind (FIRST_STEP_KINDS narrows it), with

@@ -53,7 +53,9 @@ is run but not timed. (The trainable's step logger buffers and writes to MLflow 
 write lands in whichever side's step is running at the time, about one step in 20 on the 8B shape.)
 Table: mean and median s/step per side; ratio = trainable / bare (mean / median); verdict "pass" when both ratios
 <= 1.02. Notes: the range of per-block-pair ratios and a 95% paired-bootstrap interval of the ratio of means
-over block pairs (how far the verdict could move).
+over block pairs (how far the verdict could move), and where each side's step wall went: its thread's CPU time
+(near 100%: the step waits on the CPU launching kernels, so host jitter moves it), garbage-collection pauses its
+thread set off, the host's steal time (--times FILE keeps these per step).
 --control then runs two fresh bare trainers in the two places: one built first and scheduled as the trainable is,
 one built second and scheduled as bare is. Its row (same columns, ratio = the first one / the second one) is the
 run's noise floor, including any build-order or position effect, which the real ratio must be read against: on a
@@ -90,6 +92,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -377,7 +380,9 @@ class Side:
     def __init__(self, name, trainer, resident=0):
         self.name, self.trainer, self.resident = name, trainer, resident
         self.times, self.peaks = [], []   # per finished step, in order (warmup included)
+        self.cpu, self.gc, self.steal = [], [], []  # per finished step too: where its wall time went (--times)
         self.t0, self.alloc0 = None, 0
+        self.cpu0, self.gc_now, self.host0 = 0.0, 0.0, None
         self.parked = self.done = False
         self.error = None
 
@@ -390,8 +395,18 @@ class Interleaver:
         self.sides, self.blocks = sides, blocks
         self.cv = threading.Condition()
         self.pos, self.left = -1, 0  # -1: setup (each side parks at its first step)
+        self.gc_started = None
         for side in sides.values():
             side.trainer.add_callback(self._callback(side.name))
+
+    def _gc_pause(self, phase, info):
+        """gc.callbacks: a collection's pause counts to the side whose thread set it off."""
+        if phase == "start":
+            self.gc_started = time.perf_counter()
+            return
+        side = self.sides.get(threading.current_thread().name.removeprefix("tvt-"))
+        if side is not None and self.gc_started is not None:
+            side.gc_now += time.perf_counter() - self.gc_started
 
     def _owner(self):
         return self.blocks[self.pos][0] if 0 <= self.pos < len(self.blocks) else None
@@ -416,6 +431,9 @@ class Interleaver:
         alloc = allocated()
         if s.t0 is not None:  # close the previous step (its logging and this step's batch fetch included)
             s.times.append(now - s.t0)
+            s.cpu.append(time.thread_time() - s.cpu0)
+            s.gc.append(s.gc_now)
+            s.steal.append(steal_share(s.host0, host_cpu_times()))
             if torch.cuda.is_available():
                 others = sum(o.resident for o in self.sides.values() if o is not s)
                 s.peaks.append(torch.cuda.max_memory_allocated() - others)
@@ -434,6 +452,7 @@ class Interleaver:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         s.alloc0 = allocated()
+        s.gc_now, s.host0, s.cpu0 = 0.0, host_cpu_times(), time.thread_time()
         s.t0 = time.perf_counter()
 
     def _run(self, s: Side):
@@ -450,6 +469,15 @@ class Interleaver:
                 self.cv.notify_all()
 
     def run(self):
+        import gc
+
+        gc.callbacks.append(self._gc_pause)
+        try:
+            self._run_all()
+        finally:
+            gc.callbacks.remove(self._gc_pause)
+
+    def _run_all(self):
         threads = []
         for s in self.sides.values():  # one side's train() setup at a time (global seeds, accelerate state)
             s.alloc0 = allocated()
@@ -462,6 +490,22 @@ class Interleaver:
             self._advance()
         for th in threads:
             th.join()
+
+
+def host_cpu_times() -> tuple[int, int] | None:
+    """(steal, total) jiffies of the whole host from /proc/stat (None off Linux): a VM's CPU taken by its host."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return fields[7], sum(fields[:8])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def steal_share(before, after) -> float:
+    if before is None or after is None or after[1] <= before[1]:
+        return float("nan")
+    return (after[0] - before[0]) / (after[1] - before[1])
 
 
 def abba(first, second, warmup, steps, block):
@@ -524,6 +568,28 @@ def summary(s: Side, warmup: int, block: int | None = None) -> dict:
                peak=max(ps) / 2**30 if ps else float("nan"), error=s.error)
     if block:
         out["blocks"] = [statistics.mean(ts[i:i + block]) for i in range(0, len(ts), block)]
+    out["raw"] = {"wall": ts, "cpu": s.cpu[warmup:], "gc": s.gc[warmup:], "steal": s.steal[warmup:]}
+    return out
+
+
+def anatomy_note(name: str, r: dict) -> str:
+    """Where a side's step wall went: its thread's CPU time (launch-bound steps read near 100%), garbage
+    collection pauses it set off, and the host's steal time (a VM's CPU taken by others)."""
+    raw = r["raw"]
+    steal = [x for x in raw["steal"] if not math.isnan(x)]
+    return (f"{name}: thread CPU {sum(raw['cpu']) / sum(raw['wall']):.0%} of the step wall, GC "
+            f"{1e3 * statistics.mean(raw['gc']):.1f} ms/step (max {1e3 * max(raw['gc']):.0f}), host steal "
+            + (f"{statistics.mean(steal):.1%}" if steal else "n/a"))
+
+
+def raw_times(res: dict) -> dict:
+    """{order: {side: per-step wall/cpu/gc/steal}} of a case's result, A/A control included (--times)."""
+    out = {}
+    for order, r in ((ORDERS[False], res), (ORDERS[True], res.get("swapped", {}))):
+        for part, label in ((r, ""), (r.get("control", {}), "A/A ")):
+            for side, v in part.items():
+                if isinstance(v, dict) and "raw" in v:
+                    out.setdefault(order, {})[label + side] = v["raw"]
     return out
 
 
@@ -643,6 +709,8 @@ def run_order(case, env, a, swapped: bool) -> dict:
         log(f"{case}: {max_steps} steps per side in {time.time() - t:.0f} s")
         for k, s in sides.items():
             res[k] = summary(s, a.warmup, block)
+            if "raw" in res[k]:
+                notes.append(anatomy_note(k, res[k]))
         if logger.seconds:
             notes.append(f"MLflow step logger on_log: {1e3 * statistics.mean(logger.seconds):.2f} ms/step mean, "
                          f"{1e3 * max(logger.seconds):.1f} max")
@@ -1087,6 +1155,9 @@ def main():
     ap.add_argument("--checkpoint-only", action="store_true",
                     help="save the random 8B checkpoint to --ckpt-dir if it is not there yet, print its path, exit "
                          "(bench/project_cost.py calibrates on it)")
+    ap.add_argument("--times", default=None, metavar="FILE",
+                    help="append each case's per-step wall, thread CPU, GC pause and host steal times of every side "
+                         "(A/A control included) to FILE as a JSON line")
     ap.add_argument("--bench-file", default=None,
                     help="Markdown file to append to (default BENCHMARKS.md; with --tiny a temp file)")
     a = ap.parse_args()
@@ -1135,6 +1206,10 @@ def main():
                 continue
             results[case] = (run_planner_case if a.planner else run_case)(case, env, a)
             r = results[case]
+            if a.times and not a.planner:
+                with open(a.times, "a") as f:
+                    f.write(json.dumps({"case": case, "shape": a.shape, "steps": a.steps, "block": a.block,
+                                        "orders": raw_times(r)}) + "\n")
             for k in ("bare", "trainable"):
                 if "mean" in r.get(k, {}):
                     tok_s = f", {r[k]['tok_s']:.0f} tok/s" if "tok_s" in r[k] else ""

@@ -1,6 +1,7 @@
 """Benchmark scripts: stopped runs still report what finished; the statistics and the cost projection they rest on."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -351,11 +352,12 @@ def test_a_failed_or_interrupted_aa_control_keeps_the_real_comparison():
 def test_trainable_vs_trl_runs_end_to_end_with_the_aa_control(tmp_path):
     """The whole script on the CPU (tiny Llama): both pairs interleave in both build orders (--swap), the table has
     the real and the A/A rows of each order and their combination, and CITA points to DPO's control instead of
-    repeating it."""
-    out = tmp_path / "bench.md"
+    repeating it. --times keeps every side's timed steps, taken apart."""
+    out, times = tmp_path / "bench.md", tmp_path / "times.jsonl"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "trainable_vs_trl.py"), "--tiny", "--cases", "dpo-fp32", "cita-fp32",
-         "--steps", "2", "--block", "1", "--warmup", "1", "--control", "--swap", "--bench-file", str(out)],
+         "--steps", "2", "--block", "1", "--warmup", "1", "--control", "--swap", "--bench-file", str(out),
+         "--times", str(times)],
         capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = out.read_text()
@@ -370,6 +372,16 @@ def test_trainable_vs_trl_runs_end_to_end_with_the_aa_control(tmp_path):
     assert any(r.startswith("| dpo-fp32: A/A control, both orders | ") for r in rows)
     assert not any(r.startswith("| cita-fp32: A/A") for r in rows)
     assert text.count("- cita-fp32: A/A control: see dpo-fp32") == 1
+    lines = [json.loads(x) for x in times.read_text().splitlines()]
+    assert [x["case"] for x in lines] == ["dpo-fp32", "cita-fp32"]
+    dpo = lines[0]["orders"]
+    assert set(dpo) == {"trainable built first", "bare built first"}
+    for sides in dpo.values():
+        assert set(sides) == {"trainable", "bare", "A/A bare-a", "A/A bare-b"}
+        for r in sides.values():
+            assert len(r["wall"]) == len(r["cpu"]) == len(r["gc"]) == 2
+            assert all(0 < c <= w * 1.5 for c, w in zip(r["cpu"], r["wall"]))  # the side's own thread, not others
+    assert "trainable: thread CPU " in text and " ms/step (max " in text
 
 
 def test_planner_profile_mode_profiles_the_planned_steps_and_writes_no_table(tmp_path):
