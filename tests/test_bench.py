@@ -548,3 +548,20 @@ def test_memory_peak_replays_to_the_largest_live_total_and_names_who_allocated()
     rows = memory_peak.by_owner(blocks)
     assert rows[0] == ("trl/trainer/sft_trainer.py:7 loss", 160, 2)
     assert rows[1] == ("peft/tuners/lora/layer.py:3 forward", 30, 1)
+
+
+def test_gc_census_counts_what_a_full_collection_walks_and_freezing_leaves_out(tmp_path):
+    """bench/gc_census.py on the CPU (tiny Llama): each census line counts the tracked objects, training's
+    collections are listed by generation, and with --frozen the imports' objects are out of the collector's view."""
+    import re
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gc_census.py"), "--tiny", "--steps", "3", "--frozen"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = {m[0]: (int(m[1]), int(m[2])) for m in re.findall(
+        r"^(after the imports|trainer built|after training): (\d+) tracked objects \((\d+) frozen", proc.stdout, re.M)}
+    assert set(counts) == {"after the imports", "trainer built", "after training"}
+    imports, built = counts["after the imports"], counts["trainer built"]
+    assert imports[1] == 0 and built[1] >= imports[0] > 10 * built[0]
+    assert "training: 3 steps in " in proc.stdout
+    assert re.search(r"^  generation 2: \d+ collections", proc.stdout, re.M)

@@ -1,0 +1,113 @@
+"""What Python's garbage collector walks in a trial's process, and how often a full collection stops training.
+
+A full (generation-2) collection walks every tracked object the process holds; in a trial's process that is mostly
+what its imports made (torch, transformers, TRL, MLflow). This builds the project's trainable the way
+bench/trainable_vs_trl.py does (trainables.trial.prepare, synthetic data), trains it, and prints:
+- a census (tracked objects, the most common types, one full collection's seconds) after the imports, after the
+  trainer is built, and after training;
+- every collection Python ran while training, by generation: count and seconds, and for each full one its step;
+- with --frozen, the same with the heap frozen first, as trainables.trial.freeze_process_heap does before a
+  process's first trial.
+
+    python bench/gc_census.py --case dpo-nf4 --steps 40            # Llama-3-8B shape (random weights), GPU
+    python bench/gc_census.py --case dpo-nf4 --steps 40 --frozen
+    python bench/gc_census.py --tiny --steps 4                     # CPU check of the script
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def census(label: str):
+    started = time.perf_counter()
+    gc.collect()
+    seconds = time.perf_counter() - started
+    objects = gc.get_objects()
+    top = collections.Counter(type(o).__name__ for o in objects).most_common(8)
+    print(f"{label}: {len(objects)} tracked objects ({gc.get_freeze_count()} frozen besides), one full collection "
+          f"{seconds:.3f} s; most common: {', '.join(f'{k} {v}' for k, v in top)}", flush=True)
+
+
+class Collections:
+    """gc.callbacks: each collection's generation, seconds and the training step it fell in."""
+
+    def __init__(self):
+        self.step, self.started, self.seen = 0, 0.0, []
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.seen.append((info["generation"], time.perf_counter() - self.started, self.step))
+
+    def report(self, steps: int, wall: float):
+        print(f"training: {steps} steps in {wall:.1f} s", flush=True)
+        for g in (0, 1, 2):
+            mine = [s for gen, s, _ in self.seen if gen == g]
+            print(f"  generation {g}: {len(mine)} collections, {sum(mine):.3f} s", flush=True)
+        full = [f"step {step}: {s:.3f} s" for gen, s, step in self.seen if gen == 2]
+        print(f"  full collections: {', '.join(full) or 'none'}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", default=None, help="method-precision, as bench/trainable_vs_trl.py's cases "
+                                                  "(default dpo-nf4; --tiny dpo-fp32)")
+    ap.add_argument("--steps", type=int, default=40, help="training steps (a full collection comes every ~35 on the "
+                                                          "8B shape)")
+    ap.add_argument("--frozen", action="store_true", help="freeze the heap first, as a trial's process does")
+    ap.add_argument("--tiny", action="store_true", help="CPU check: tiny Llama shape, seq 64")
+    a = ap.parse_args()
+
+    import trainable_vs_trl as tvt
+    from transformers import TrainerCallback
+
+    from trainables import tracking
+    from trainables.trial import freeze_process_heap
+
+    if not a.tiny and not tvt.cuda():
+        sys.exit("No CUDA device: run with --tiny for a CPU check of the script.")
+    census("after the imports")
+    a.case = a.case or ("dpo-fp32" if a.tiny else "dpo-nf4")
+    method, precision = a.case.split("-")
+    a.shape, a.seq, a.ckpt_dir = ("tiny" if a.tiny else "llama3-8b"), (64 if a.tiny else 1024), None
+    env = tvt.Env()
+    env.tmp = tempfile.mkdtemp(prefix="gc_census_")
+    env.model_name, env.ckpt = tvt.checkpoint(a)
+    env.client = tracking.client(f"sqlite:///{env.tmp}/mlflow.db")
+    env.experiment_id = tracking.ensure_experiment(env.client, "bench-gc-census")
+    if a.frozen:
+        freeze_process_heap()
+    data = tvt.data_for(method, env.ckpt, a.seq, a.steps + 8)
+    cfg = tvt.trial_config(method, precision, env.model_name, a.seq, 1, 1, a.steps)
+    trainer = tvt.build_trainable(cfg, data, env)[0]
+    census("trainer built")
+    seen = Collections()
+
+    class StepOf(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            seen.step = state.global_step + 1
+
+    trainer.add_callback(StepOf())
+    gc.callbacks.append(seen)
+    started = time.perf_counter()
+    try:
+        trainer.train()
+    finally:
+        gc.callbacks.remove(seen)
+    seen.report(a.steps, time.perf_counter() - started)
+    census("after training")
+
+
+if __name__ == "__main__":
+    main()
