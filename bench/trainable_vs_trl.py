@@ -111,7 +111,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from grit_speed import Interrupted, abba_blocks, log, mark_interrupted, publish, report_on_sigterm  # noqa: E402
-from trainables.trial import free_memory, freeze_process_heap, plan_text  # noqa: E402
+from trainables.trial import free_memory, plan_text  # noqa: E402
 
 METHODS = ("sft", "dpo", "cita")
 CASES = [f"{m}-{p}" for p in ("bf16", "nf4", "fp32") for m in METHODS]
@@ -1191,7 +1191,6 @@ def main():
     from trainables import tracking  # a real local SQLite MLflow store, as a laptop trial uses
     env.client = tracking.client(f"sqlite:///{env.tmp}/mlflow.db")
     env.experiment_id = tracking.ensure_experiment(env.client, "bench-trainable-vs-trl")
-    freeze_process_heap()  # as a trial's process does before its first trial; both sides share this process
     log(f"device {'cuda' if cuda() else 'cpu'}; shape {a.shape}; cases {a.cases}; seq {a.seq}; "
         f"{'planner' if a.planner else 'ABBA'} mode{' + A/A control' if a.control else ''}; steps {a.steps} + "
         f"warmup {a.warmup}")

@@ -241,10 +241,10 @@ def test_same_seed_same_losses(runs, tiny_model, monkeypatch):
     assert int(newer.data.tags["worker_trial"]) == int(older.data.tags["worker_trial"]) + 1
 
 
-def test_the_process_heap_is_frozen_before_its_first_trial_and_no_trials_objects_are(runs, tiny_model, monkeypatch):
-    """Before the process's first trial, what is alive (imported modules, caches) is frozen, so the collections
-    while it trains do not walk it. Objects the trial makes, in reference cycles too, are not frozen: they are
-    collected after it. Later trials freeze nothing more (what a caller's per-trial objects would leak)."""
+def test_a_finished_trial_leaves_its_survivors_out_of_the_collectors_scans(runs, tiny_model, monkeypatch):
+    """After the process's first finished trial, what is still alive (modules, caches) is frozen: later trials'
+    full collections (one per trainer.train()) do not walk it again. The trial's own objects are collected
+    first, not frozen; later trials freeze nothing more (what a caller's per-trial objects would leak)."""
     import gc
 
     from trainables import trial
@@ -252,20 +252,19 @@ def test_the_process_heap_is_frozen_before_its_first_trial_and_no_trials_objects
     monkeypatch.setattr(trial, "_frozen", False)
     gc.unfreeze()
     client = tracking.client(runs)
-    seen = []
+    kept = []
     trial.run_trial(tiny_trial(method="sft"), "a", runs, tracking.ensure_experiment(client, "t"),
-                    callbacks=[_keep_model(seen)])
-    frozen_in_training, model, cycle = seen
-    assert frozen_in_training > 0
-    assert model() is None and cycle() is None  # freed and collected, not frozen
+                    callbacks=[_keep_model(kept)])
+    assert gc.get_freeze_count() > 0
+    assert kept and kept[0]() is None  # the trial's model was freed, not frozen
     gc.unfreeze()
     trial.run_trial(tiny_trial(method="sft"), "b", runs, tracking.ensure_experiment(client, "t"))
     assert gc.get_freeze_count() == 0
 
 
-def test_a_failed_trials_objects_are_not_frozen_and_are_freed_once_caught(runs, tiny_model, monkeypatch):
-    """A failure propagates with the trial's model in its traceback; none of the trial's objects was frozen, so
-    the caller's free_memory after its except block gives the model back (a frozen one would stay for good)."""
+def test_a_failed_trials_model_is_not_frozen_and_is_freed_once_caught(runs, tiny_model, monkeypatch):
+    """A failure propagates with the trial's model in its traceback: nothing is frozen then, so the caller's
+    free_memory after its except block gives the model back (a frozen one would stay for the process's life)."""
     import gc
 
     from transformers import TrainerCallback
@@ -279,31 +278,22 @@ def test_a_failed_trials_objects_are_not_frozen_and_are_freed_once_caught(runs, 
     monkeypatch.setattr(trial, "_frozen", False)
     gc.unfreeze()
     client = tracking.client(runs)
-    seen = []
+    kept = []
     with pytest.raises(RuntimeError, match="boom"):
         trial.run_trial(tiny_trial(method="sft"), "a", runs, tracking.ensure_experiment(client, "t"),
-                        callbacks=[_keep_model(seen), Fail()])
+                        callbacks=[_keep_model(kept), Fail()])
+    assert gc.get_freeze_count() == 0
     trial.free_memory()
-    assert gc.get_freeze_count() > 0 and seen[0] > 0
-    assert seen[1]() is None and seen[2]() is None
+    assert kept and kept[0]() is None
 
 
-class _Cycle:
-    pass
-
-
-def _keep_model(seen):
-    """A TrainerCallback that, as training begins, notes how many objects are frozen, and keeps weak references to
-    the trial's model and to an object in a reference cycle (freed only by a collection that walks it)."""
-    import gc
-
+def _keep_model(refs):
+    """A TrainerCallback that keeps a weak reference to the trial's model."""
     from transformers import TrainerCallback
 
     class Keep(TrainerCallback):
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            cycle = _Cycle()
-            cycle.me = cycle
-            seen.extend([gc.get_freeze_count(), weakref.ref(model), weakref.ref(cycle)])
+            refs.append(weakref.ref(model))
 
     return Keep()
 

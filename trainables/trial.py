@@ -32,7 +32,7 @@ METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": c
 # GRIT's hooks) were paid too, which a kind's first trial here pays in its first step even on a warm worker.
 _trials_in_this_process = 0
 _kinds_in_this_process: set[tuple[str, str, str]] = set()
-_frozen = False  # see freeze_process_heap
+_frozen = False  # see _freeze_once
 _this_thread = threading.local()  # .trials: trials this thread started (per-thread caches: sweeps.runner._TrialThread)
 
 
@@ -198,14 +198,13 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
-def freeze_process_heap():
-    """Before this process's first trial, freeze what is alive (imported torch/transformers/TRL/MLflow/Ray: ~780k
-    objects, nearly all of a worker's heap) out of the garbage collector's view. Every full collection then skips
-    it: the one each trainer.train() starts with (accelerate's free_memory) and those Python runs by itself while
-    training, about one per 35 steps, each ~0.5 s on an 8B dpo-nf4 trial of 0.7 s steps (bench/trainable_vs_trl.py
-    --times; 0.002 s frozen). Once only: whatever is frozen is never collected, so a caller's objects from before
-    (Ray's session, a callback) that die in reference cycles would leak at every freeze. No trial's model exists
-    yet, so none is frozen."""
+def _freeze_once():
+    """After this process's first finished trial, freeze what is alive (imported torch/transformers/TRL, caches:
+    nearly all of a warm worker's heap) out of the garbage collector's view, so the full collection each
+    trainer.train() starts with (accelerate's free_memory) skips it: ~0.5 s of every later trial's start
+    (bench/first_step.py). Once only: whatever is frozen is never collected, so a caller's per-trial objects
+    (Ray's session, a callback) that die in reference cycles would leak at every freeze. Not after a failure: its
+    traceback still holds the trial's model."""
     global _frozen
     if not _frozen:
         gc.freeze()
@@ -264,9 +263,9 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     _kinds_in_this_process.add(kind)
     _trials_in_this_process += 1
     _this_thread.trials = thread_trials + 1
-    freeze_process_heap()
     metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch,
                             pad_to_multiple_of, reference_cache, reuse_base_model, liger_kernel, callbacks)
+    _freeze_once()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
     return metrics
