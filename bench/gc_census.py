@@ -6,8 +6,12 @@ bench/trainable_vs_trl.py does (trainables.trial.prepare, synthetic data), train
 - a census (tracked objects, the most common types, one full collection's seconds) after the imports, after the
   trainer is built, and after training;
 - every collection Python ran while training, by generation: count and seconds, and for each full one its step;
-- with --frozen, the same with the heap frozen first, as trainables.trial.freeze_process_heap does before a
-  process's first trial.
+- with --frozen, the same with everything alive frozen just before training (a warm worker's trials train with
+  the heap that trainables.trial froze after its first trial out of the collector's view).
+
+CPython (3.12) runs a full collection when the objects promoted to the oldest generation since the last one exceed
+25% of the long-lived ones it walked then, so a frozen (smaller) heap gets smaller but more frequent full
+collections: compare the total seconds, not the pauses.
 
     python bench/gc_census.py --case dpo-nf4 --steps 40            # Llama-3-8B shape (random weights), GPU
     python bench/gc_census.py --case dpo-nf4 --steps 40 --frozen
@@ -65,7 +69,7 @@ def main():
                                                   "(default dpo-nf4; --tiny dpo-fp32)")
     ap.add_argument("--steps", type=int, default=40, help="training steps (a full collection comes every ~35 on the "
                                                           "8B shape)")
-    ap.add_argument("--frozen", action="store_true", help="freeze the heap first, as a trial's process does")
+    ap.add_argument("--frozen", action="store_true", help="freeze everything alive just before training")
     ap.add_argument("--tiny", action="store_true", help="CPU check: tiny Llama shape, seq 64")
     a = ap.parse_args()
 
@@ -73,7 +77,6 @@ def main():
     from transformers import TrainerCallback
 
     from trainables import tracking
-    from trainables.trial import freeze_process_heap
 
     if not a.tiny and not tvt.cuda():
         sys.exit("No CUDA device: run with --tiny for a CPU check of the script.")
@@ -86,8 +89,6 @@ def main():
     env.model_name, env.ckpt = tvt.checkpoint(a)
     env.client = tracking.client(f"sqlite:///{env.tmp}/mlflow.db")
     env.experiment_id = tracking.ensure_experiment(env.client, "bench-gc-census")
-    if a.frozen:
-        freeze_process_heap()
     data = tvt.data_for(method, env.ckpt, a.seq, a.steps + 8)
     cfg = tvt.trial_config(method, precision, env.model_name, a.seq, 1, 1, a.steps)
     trainer = tvt.build_trainable(cfg, data, env)[0]
@@ -99,6 +100,8 @@ def main():
             seen.step = state.global_step + 1
 
     trainer.add_callback(StepOf())
+    if a.frozen:
+        gc.freeze()
     gc.callbacks.append(seen)
     started = time.perf_counter()
     try:

@@ -144,9 +144,10 @@ step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RE
                      python bench/first_step.py --as-sweep --repeat 1 --threads 1 --in-thread \
                      ${FIRST_STEP_KINDS:+--kinds $FIRST_STEP_KINDS} --bench-file "$ADD"
 # 8B dpo-nf4 read 1.022 (30 steps) and 1.032 (60), CIs reaching below 1; single steps varied up to 2x. --times
-# keeps each step's thread CPU, GC pauses and host steal. 2026-11-24 18:00-19:00: full collections of ~0.46 s one
-# step in ~17 (0.993, CI 0.959..1.025, 90 steps, no control); with the heap frozen as a trial's process now does,
-# 0.973, CI 0.945..1.003 (another VM). What a full collection walks: gc-census (the random 8B checkpoint first).
+# keeps each step's thread CPU, GC pauses and host steal. 2026-11-24 18:00-19:00 (90 steps, no control): 0.993,
+# CI 0.959..1.025, full collections of ~0.46 s one step in ~17; on another VM with the heap frozen first (both
+# sides: smaller, more frequent collections, same total) 0.973, CI 0.945..1.003. What a full collection walks,
+# and the total with and without a frozen heap: gc-census (needs the random 8B checkpoint).
 step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases ${TVT_8B_NF4_CASES:-dpo-nf4 sft-nf4} --steps ${TVT_STEPS:-30} \
                      --block 1 ${TVT_CONTROL---control} --swap --times "$RESULTS/tvt-times.jsonl" --bench-file "$ADD"
 step gc-census 400 bash -c 'python bench/gc_census.py --steps 40 && python bench/gc_census.py --steps 40 --frozen'
