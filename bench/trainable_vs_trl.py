@@ -527,26 +527,50 @@ def ratio_ci(base_blocks, other_blocks):
     return ci.low, ci.high
 
 
-def both_orders(order1: tuple[dict, dict], order2: tuple[dict, dict]) -> dict:
-    """The two orders of --swap, each (base summary, other summary), combined: the geometric mean of their ratios
-    (of means; of medians), and a 95% bootstrap CI of the first, resampling each order's block pairs on their own
-    (None below 3 pairs in an order). A build-order or place bias b reads r*b in one order and r/b in the other;
-    the geometric mean cancels it if b is the same in both runs. The CI holds the step-to-step noise within each
-    run, not the run-to-run difference: read it against the A/A control's, combined the same way."""
+def both_orders(*orders: tuple[dict, dict]) -> dict:
+    """The orders of --swap (or of several runs: --pool), each (base summary, other summary), combined: the
+    geometric mean of their ratios (of means; of medians), and a 95% bootstrap CI of the first, resampling each
+    order's block pairs on their own (None below 3 pairs in an order). A build-order or place bias b reads r*b in
+    one order and r/b in the other; the geometric mean cancels it if b is the same in both runs. The CI holds the
+    step-to-step noise within each run, not the run-to-run difference: read it against the A/A control's, combined
+    the same way."""
     import numpy as np
 
-    def ratio(k):
-        return math.sqrt(order1[1][k] / order1[0][k] * order2[1][k] / order2[0][k])
+    def geomean(xs):
+        return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
-    pairs = [np.asarray(list(zip(b["blocks"], o["blocks"]))) for b, o in (order1, order2)]
-    out = {"mean": ratio("mean"), "median": ratio("median"), "ci": None}
+    out = {k: geomean([o[k] / b[k] for b, o in orders]) for k in ("mean", "median")} | {"ci": None}
+    pairs = [np.asarray(list(zip(b["blocks"], o["blocks"]))) for b, o in orders]
     if min(map(len, pairs)) >= 3:
         rng, stats = np.random.default_rng(0), []
         for _ in range(2000):
-            r = [p[rng.integers(0, len(p), len(p))] for p in pairs]
-            stats.append(math.sqrt(np.prod([x[:, 1].mean() / x[:, 0].mean() for x in r])))
+            stats.append(geomean([x[:, 1].mean() / x[:, 0].mean()
+                                  for x in (p[rng.integers(0, len(p), len(p))] for p in pairs)]))
         out["ci"] = tuple(np.percentile(stats, [2.5, 97.5]))
     return out
+
+
+def pooled(files: list[str]) -> str:
+    """--pool: every order of every run kept with --times (block 1: a step is a block), per case, combined as
+    both_orders combines one run's two orders."""
+    by_case = {}
+    for f in files:
+        for line in Path(f).read_text().splitlines():
+            run = json.loads(line)
+            if run.get("block", 1) != 1:
+                raise SystemExit(f"{f}: --pool needs runs with --block 1 ({run['case']} has {run['block']})")
+            for order, sides in run["orders"].items():
+                if "bare" in sides and "trainable" in sides:
+                    by_case.setdefault(run["case"], []).append(tuple(
+                        {"mean": statistics.mean(w), "median": statistics.median(w), "blocks": w}
+                        for w in (sides["bare"]["wall"], sides["trainable"]["wall"])))
+    out = []
+    for case, orders in by_case.items():
+        r = both_orders(*orders)
+        ci = "" if r["ci"] is None else f", 95% CI {r['ci'][0]:.3f}..{r['ci'][1]:.3f}"
+        out.append(f"{case}: {len(orders)} orders pooled, trainable/bare {r['mean']:.3f} (means) / "
+                   f"{r['median']:.3f} (medians){ci}")
+    return "\n".join(out)
 
 
 def combined(res: dict, base: str = "bare", other: str = "trainable", part: str | None = None) -> dict | None:
@@ -1158,10 +1182,16 @@ def main():
     ap.add_argument("--times", default=None, metavar="FILE",
                     help="append each case's per-step wall, thread CPU, GC pause and host steal times of every side "
                          "(A/A control included) to FILE as a JSON line")
+    ap.add_argument("--pool", nargs="+", metavar="FILE", default=None,
+                    help="print the ratio of every order of the runs kept in these --times files (block 1), pooled "
+                         "per case as --swap pools its two orders, and exit")
     ap.add_argument("--bench-file", default=None,
                     help="Markdown file to append to (default BENCHMARKS.md; with --tiny a temp file)")
     a = ap.parse_args()
 
+    if a.pool:
+        print(pooled(a.pool))
+        return
     if not a.tiny and not cuda():
         sys.exit("No CUDA device: run with --tiny for a CPU check of the script.")
     a.shape = a.shape or ("tiny" if a.tiny else "llama3-8b")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import random
 import signal
 import subprocess
 import sys
@@ -567,3 +569,29 @@ def test_gc_census_counts_what_a_full_collection_walks_and_freezing_leaves_out(t
     assert trained[1] >= built[0] > 10 * trained[0]
     assert "training: 3 steps in " in proc.stdout
     assert re.search(r"^  generation 2: \d+ collections", proc.stdout, re.M)
+
+
+def test_pool_combines_every_order_of_several_runs_kept_with_times(tmp_path):
+    """--pool reads --times files and gives one ratio per case over all their orders: with a build-order bias b
+    (r*b in one order, r/b in the other) and runs r1, r2, the pooled ratio is sqrt(r1 * r2)."""
+    tvt = _tvt()
+    rng = random.Random(0)
+
+    def run(ratio, bias):
+        def order(b):
+            bare = [0.7 + rng.random() * 0.1 for _ in range(20)]
+            return {"bare": {"wall": bare}, "trainable": {"wall": [x * ratio * b for x in bare]}}
+        return {"case": "dpo-nf4", "block": 1, "orders": {"trainable built first": order(bias),
+                                                           "bare built first": order(1 / bias)}}
+
+    files = []
+    for i, r in enumerate((0.98, 1.02)):
+        files.append(tmp_path / f"run{i}.jsonl")
+        files[-1].write_text(json.dumps(run(r, 1.05)) + "\n")
+    line = tvt.pooled([str(f) for f in files])
+    assert line.startswith("dpo-nf4: 4 orders pooled, trainable/bare ")
+    assert f"{math.sqrt(0.98 * 1.02):.3f} (means)" in line and "95% CI" in line
+    blocked = tmp_path / "block5.jsonl"
+    blocked.write_text(json.dumps(run(1.0, 1.0) | {"block": 5}) + "\n")
+    with pytest.raises(SystemExit, match="--block 1"):
+        tvt.pooled([str(blocked)])
