@@ -113,10 +113,13 @@ def test_the_step_clock_times_garbage_collections_in_step_1_only(runs, tiny_mode
 
     from transformers import TrainerCallback
 
-    junk = [[i] for i in range(300_000)]  # a heap a full collection has to walk
+    junk = []
     took = {}
 
     class CollectInSteps1And2(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # after the trial froze what lived before
+            junk.extend([i] for i in range(300_000))  # a heap a full collection has to walk
+
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             if state.global_step < 2:
                 t = time.perf_counter()
@@ -241,30 +244,25 @@ def test_same_seed_same_losses(runs, tiny_model, monkeypatch):
     assert int(newer.data.tags["worker_trial"]) == int(older.data.tags["worker_trial"]) + 1
 
 
-def test_a_finished_trial_leaves_its_survivors_out_of_the_collectors_scans(runs, tiny_model, monkeypatch):
-    """After the process's first finished trial, what is still alive (modules, caches) is frozen: later trials'
-    full collections (one per trainer.train()) do not walk it again. The trial's own objects are collected
-    first, not frozen; later trials freeze nothing more (what a caller's per-trial objects would leak)."""
+def test_a_trial_trains_with_the_heap_frozen_and_gives_its_objects_back(runs, tiny_model):
+    """While a trial trains, everything alive before (imports, its own model) is out of the collector's walks; after
+    it, nothing stays frozen and its objects are freed, those in reference cycles too."""
     import gc
 
     from trainables import trial
 
-    monkeypatch.setattr(trial, "_frozen", False)
-    gc.unfreeze()
     client = tracking.client(runs)
-    kept = []
+    seen = {}
     trial.run_trial(tiny_trial(method="sft"), "a", runs, tracking.ensure_experiment(client, "t"),
-                    callbacks=[_keep_model(kept)])
-    assert gc.get_freeze_count() > 0
-    assert kept and kept[0]() is None  # the trial's model was freed, not frozen
-    gc.unfreeze()
-    trial.run_trial(tiny_trial(method="sft"), "b", runs, tracking.ensure_experiment(client, "t"))
+                    callbacks=[_keep_model(seen)])
+    assert seen["frozen in training"] > 0 and seen["model frozen"]
     assert gc.get_freeze_count() == 0
+    assert seen["model"]() is None and seen["cycle"]() is None
 
 
-def test_a_failed_trials_model_is_not_frozen_and_is_freed_once_caught(runs, tiny_model, monkeypatch):
-    """A failure propagates with the trial's model in its traceback: nothing is frozen then, so the caller's
-    free_memory after its except block gives the model back (a frozen one would stay for the process's life)."""
+def test_a_failed_trials_objects_are_freed_once_caught(runs, tiny_model):
+    """A failure propagates with the trial's model in its traceback (frozen while it trained): the caller's
+    free_memory after its except block unfreezes and gives it back (a frozen one in a cycle would stay for good)."""
     import gc
 
     from transformers import TrainerCallback
@@ -275,25 +273,38 @@ def test_a_failed_trials_model_is_not_frozen_and_is_freed_once_caught(runs, tiny
         def on_step_end(self, *args, **kwargs):
             raise RuntimeError("boom")
 
-    monkeypatch.setattr(trial, "_frozen", False)
-    gc.unfreeze()
     client = tracking.client(runs)
-    kept = []
+    seen = {}
     with pytest.raises(RuntimeError, match="boom"):
         trial.run_trial(tiny_trial(method="sft"), "a", runs, tracking.ensure_experiment(client, "t"),
-                        callbacks=[_keep_model(kept), Fail()])
-    assert gc.get_freeze_count() == 0
+                        callbacks=[_keep_model(seen), Fail()])
     trial.free_memory()
-    assert kept and kept[0]() is None
+    assert seen["model frozen"] and gc.get_freeze_count() == 0
+    assert seen["model"]() is None and seen["cycle"]() is None
 
 
-def _keep_model(refs):
-    """A TrainerCallback that keeps a weak reference to the trial's model."""
+class _Cycle:
+    pass
+
+
+def _keep_model(seen):
+    """A TrainerCallback that keeps weak references to the trial's model and to an object in a reference cycle made
+    while the trainer is built (freed only by a collection that walks it), and notes as training begins how many
+    objects are frozen and whether the model is one of them."""
+    import gc
+
     from transformers import TrainerCallback
 
     class Keep(TrainerCallback):
+        def on_init_end(self, args, state, control, **kwargs):
+            cycle = _Cycle()
+            cycle.me = cycle
+            seen["cycle"] = weakref.ref(cycle)
+
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            refs.append(weakref.ref(model))
+            seen["model"] = weakref.ref(model)
+            seen["frozen in training"] = gc.get_freeze_count()
+            seen["model frozen"] = all(o is not model for o in gc.get_objects())  # frozen ones are not listed
 
     return Keep()
 
