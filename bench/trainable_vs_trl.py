@@ -55,7 +55,8 @@ Table: mean and median s/step per side; ratio = trainable / bare (mean / median)
 <= 1.02. Notes: the range of per-block-pair ratios and a 95% paired-bootstrap interval of the ratio of means
 over block pairs (how far the verdict could move), and where each side's step wall went: its thread's CPU time
 (near 100%: the step waits on the CPU launching kernels, so host jitter moves it), garbage-collection pauses its
-thread set off, the host's steal time (--times FILE keeps these per step).
+thread set off, the host's steal time (--times FILE keeps these per step). While the sides train, everything alive
+is frozen out of the garbage collector's walks, for both alike, as a trial freezes after building its trainer.
 --control then runs two fresh bare trainers in the two places: one built first and scheduled as the trainable is,
 one built second and scheduled as bare is. Its row (same columns, ratio = the first one / the second one) is the
 run's noise floor, including any build-order or position effect, which the real ratio must be read against: on a
@@ -469,12 +470,17 @@ class Interleaver:
                 self.cv.notify_all()
 
     def run(self):
+        """With both trainers built, what lives is frozen out of the collector's walks while they train, as a trial
+        freezes after prepare() (trainables/trial.py): otherwise full collections of ~0.4-0.5 s (8B shape) land on
+        whichever side sets them off, the largest noise in a ratio (bench/gc_census.py). Both sides share it."""
         import gc
 
         gc.callbacks.append(self._gc_pause)
+        gc.freeze()
         try:
             self._run_all()
         finally:
+            gc.unfreeze()
             gc.callbacks.remove(self._gc_pause)
 
     def _run_all(self):
@@ -994,7 +1000,8 @@ def report(results, a) -> str:
         f"{'bf16 autocast' if cuda() else 'fp32 on CPU'}, gradient checkpointing (non-reentrant), logging every "
         f"step, seed {SEED}. Trainable = trainables.trial.prepare + the trial's per-step MLflow logger (SQLite); "
         f"bare = from_pretrained + TRL trainer by hand (LoRA: get_peft_model for SFT, peft_config for DPO: "
-        f"reference = adapter disabled on both sides), report_to none. Both resident; steps "
+        f"reference = adapter disabled on both sides), report_to none. Both resident, the heap frozen while they "
+        f"train (gc.freeze, as a trial does); steps "
         f"alternate ABBA in blocks of {min(a.block, a.steps)} after {a.warmup} warmup steps each"
         f"{' (A/A control: two more bare trainers, the same schedule)' if a.control else ''}"
         f"{SWAP_NOTE if a.swap else ''}; "

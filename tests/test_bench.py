@@ -595,3 +595,35 @@ def test_pool_combines_every_order_of_several_runs_kept_with_times(tmp_path):
     blocked.write_text(json.dumps(run(1.0, 1.0) | {"block": 5}) + "\n")
     with pytest.raises(SystemExit, match="--block 1"):
         tvt.pooled([str(blocked)])
+
+
+def test_the_interleaver_trains_both_sides_with_the_heap_frozen_and_unfreezes_after():
+    """Both sides step with what lived before frozen (a trial freezes after building its trainer, so full
+    collections do not land on one side at random), and nothing stays frozen afterwards."""
+    import gc
+    from types import SimpleNamespace
+
+    tvt = _tvt()
+    blocks = tvt.abba("bare", "trainable", 0, 2, 1)
+
+    class FakeTrainer:
+        def __init__(self, name):
+            self.steps = sum(n for side, n in blocks if side == name)
+            self.callbacks, self.frozen = [], []
+
+        def add_callback(self, cb):
+            self.callbacks.append(cb)
+
+        def train(self):
+            for step in range(self.steps):
+                for cb in self.callbacks:
+                    cb.on_step_begin(None, SimpleNamespace(global_step=step), None)
+                self.frozen.append(gc.get_freeze_count())
+
+    gc.unfreeze()
+    sides = {name: tvt.Side(name, FakeTrainer(name)) for name in ("bare", "trainable")}
+    tvt.Interleaver(sides, blocks).run()
+    for s in sides.values():
+        assert s.error is None and len(s.trainer.frozen) == s.trainer.steps and all(s.trainer.frozen)
+        assert len(s.times) == len(s.cpu) == len(s.gc) == s.trainer.steps - 1
+    assert gc.get_freeze_count() == 0
