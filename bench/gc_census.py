@@ -6,11 +6,11 @@ bench/trainable_vs_trl.py does (trainables.trial.prepare, synthetic data), train
 - a census (tracked objects, the most common types, one full collection's seconds) after the imports, after the
   trainer is built, and after training;
 - every collection Python ran while training, by generation: count and seconds, and for each full one its step;
-- with --frozen, the same with everything alive frozen just before training (a warm worker's trials train with
-  the heap that trainables.trial froze after its first trial out of the collector's view).
+- with --frozen, the same with everything alive frozen just before training, as trainables.trial does in a
+  process's first trial (later trials train with what the first left alive frozen for good).
 
-CPython (3.12) runs a full collection when the objects promoted to the oldest generation since the last one exceed
-25% of the long-lived ones it walked then, so a frozen (smaller) heap gets smaller but more frequent full
+CPython (3.11, 3.12) runs a full collection when the objects promoted to the oldest generation since the last one
+exceed 25% of the long-lived ones it walked then, so a frozen (smaller) heap gets smaller but more frequent full
 collections: compare the total seconds, not the pauses.
 
     python bench/gc_census.py --case dpo-nf4 --steps 40            # Llama-3-8B shape (random weights), GPU
@@ -67,7 +67,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", default=None, help="method-precision, as bench/trainable_vs_trl.py's cases "
                                                   "(default dpo-nf4; --tiny dpo-fp32)")
-    ap.add_argument("--steps", type=int, default=40, help="training steps (a full collection comes every ~35 on the "
+    ap.add_argument("--steps", type=int, default=40, help="training steps (a full collection comes every ~30 on the "
                                                           "8B shape)")
     ap.add_argument("--frozen", action="store_true", help="freeze everything alive just before training")
     ap.add_argument("--tiny", action="store_true", help="CPU check: tiny Llama shape, seq 64")

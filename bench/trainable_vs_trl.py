@@ -54,9 +54,11 @@ write lands in whichever side's step is running at the time, about one step in 2
 Table: mean and median s/step per side; ratio = trainable / bare (mean / median); verdict "pass" when both ratios
 <= 1.02. Notes: the range of per-block-pair ratios and a 95% paired-bootstrap interval of the ratio of means
 over block pairs (how far the verdict could move), and where each side's step wall went: its thread's CPU time
-(near 100%: the step waits on the CPU launching kernels, so host jitter moves it), garbage-collection pauses its
+(the closer to 100%, the more the step waits on the CPU launching kernels, and host jitter moves it; 54-57% on
+the 8B nf4 shape), garbage-collection pauses its
 thread set off, the host's steal time (--times FILE keeps these per step). While the sides train, everything alive
-is frozen out of the garbage collector's walks, for both alike, as a trial freezes after building its trainer.
+is frozen out of the garbage collector's walks, for both alike, as a process's first trial freezes after building
+its trainer.
 --control then runs two fresh bare trainers in the two places: one built first and scheduled as the trainable is,
 one built second and scheduled as bare is. Its row (same columns, ratio = the first one / the second one) is the
 run's noise floor, including any build-order or position effect, which the real ratio must be read against: on a
@@ -470,12 +472,14 @@ class Interleaver:
                 self.cv.notify_all()
 
     def run(self):
-        """With both trainers built, what lives is frozen out of the collector's walks while they train, as a trial
-        freezes after prepare() (trainables/trial.py): otherwise full collections of ~0.4-0.5 s (8B shape) land on
-        whichever side sets them off, the largest noise in a ratio (bench/gc_census.py). Both sides share it."""
+        """With both trainers built, what lives is frozen out of the collector's walks while they train, as a
+        process's first trial freezes after prepare() (trainables/trial.py). Otherwise full collections of ~0.4-0.5
+        s (8B shape) land on whichever side sets them off: a quarter of the step-time variance on 8B dpo-nf4
+        (bench/gc_census.py, --times). Collected first, so no garbage is frozen. Both sides share it."""
         import gc
 
         gc.callbacks.append(self._gc_pause)
+        gc.collect()
         gc.freeze()
         try:
             self._run_all()
@@ -557,25 +561,34 @@ def both_orders(*orders: tuple[dict, dict]) -> dict:
 
 
 def pooled(files: list[str]) -> str:
-    """--pool: every order of every run kept with --times (block 1: a step is a block), per case, combined as
-    both_orders combines one run's two orders."""
-    by_case = {}
+    """--pool: every order of every run kept with --times (block 1: a step is a block), combined per case, shape
+    and heap regime (runs from before the loop froze the heap do not record it) as both_orders combines one run's
+    two orders. Refuses what would bias it: sides of unequal length (a failed side), unbalanced build orders."""
+    groups = {}
     for f in files:
         for line in Path(f).read_text().splitlines():
             run = json.loads(line)
             if run.get("block", 1) != 1:
                 raise SystemExit(f"{f}: --pool needs runs with --block 1 ({run['case']} has {run['block']})")
+            key = (run["case"], run.get("shape"), run.get("heap_frozen"))
             for order, sides in run["orders"].items():
-                if "bare" in sides and "trainable" in sides:
-                    by_case.setdefault(run["case"], []).append(tuple(
-                        {"mean": statistics.mean(w), "median": statistics.median(w), "blocks": w}
-                        for w in (sides["bare"]["wall"], sides["trainable"]["wall"])))
+                bare, trainable = sides.get("bare", {}).get("wall"), sides.get("trainable", {}).get("wall")
+                if not bare or not trainable or len(bare) != len(trainable):
+                    raise SystemExit(f"{f}: {run['case']}, {order}: the two sides did not time the same steps")
+                groups.setdefault(key, []).append((order, tuple(
+                    {"mean": statistics.mean(w), "median": statistics.median(w), "blocks": w}
+                    for w in (bare, trainable))))
     out = []
-    for case, orders in by_case.items():
-        r = both_orders(*orders)
-        ci = "" if r["ci"] is None else f", 95% CI {r['ci'][0]:.3f}..{r['ci'][1]:.3f}"
-        out.append(f"{case}: {len(orders)} orders pooled, trainable/bare {r['mean']:.3f} (means) / "
-                   f"{r['median']:.3f} (medians){ci}")
+    for (case, shape, frozen), orders in groups.items():
+        counts = {o: sum(1 for x, _ in orders if x == o) for o in ORDERS.values()}
+        if len(set(counts.values())) != 1:
+            raise SystemExit(f"{case} ({shape}): unbalanced build orders {counts}: pool --swap runs only")
+        r = both_orders(*(pair for _, pair in orders))
+        ci = "" if r["ci"] is None else f", 95% CI {r['ci'][0]:.3f}..{r['ci'][1]:.3f} (step noise within each run, " \
+                                        "not between runs)"
+        regime = {True: "heap frozen while training", None: "heap regime not recorded"}.get(frozen, frozen)
+        out.append(f"{case} ({shape}, {regime}): {len(orders)} "
+                   f"orders pooled, trainable/bare {r['mean']:.3f} (means) / {r['median']:.3f} (medians){ci}")
     return "\n".join(out)
 
 
@@ -1001,7 +1014,7 @@ def report(results, a) -> str:
         f"step, seed {SEED}. Trainable = trainables.trial.prepare + the trial's per-step MLflow logger (SQLite); "
         f"bare = from_pretrained + TRL trainer by hand (LoRA: get_peft_model for SFT, peft_config for DPO: "
         f"reference = adapter disabled on both sides), report_to none. Both resident, the heap frozen while they "
-        f"train (gc.freeze, as a trial does); steps "
+        f"train (gc.freeze, as a first trial does); steps "
         f"alternate ABBA in blocks of {min(a.block, a.steps)} after {a.warmup} warmup steps each"
         f"{' (A/A control: two more bare trainers, the same schedule)' if a.control else ''}"
         f"{SWAP_NOTE if a.swap else ''}; "
@@ -1246,7 +1259,7 @@ def main():
             if a.times and not a.planner:
                 with open(a.times, "a") as f:
                     f.write(json.dumps({"case": case, "shape": a.shape, "steps": a.steps, "block": a.block,
-                                        "orders": raw_times(r)}) + "\n")
+                                        "heap_frozen": True, "orders": raw_times(r)}) + "\n")
             for k in ("bare", "trainable"):
                 if "mean" in r.get(k, {}):
                     tok_s = f", {r[k]['tok_s']:.0f} tok/s" if "tok_s" in r[k] else ""

@@ -64,7 +64,10 @@ class _TrialThread:
                 cls._thread.start()
         future = Future()
         cls._jobs.put((fn, future))
-        return future.result()
+        try:
+            return future.result()
+        finally:  # a failure's traceback holds this frame, the frame the future, the future the failure: a cycle
+            del future  # that would keep the failed trial's model until a full collection
 
     @classmethod
     def _serve(cls):

@@ -577,24 +577,31 @@ def test_pool_combines_every_order_of_several_runs_kept_with_times(tmp_path):
     tvt = _tvt()
     rng = random.Random(0)
 
-    def run(ratio, bias):
+    def run(ratio, bias, orders=("trainable built first", "bare built first")):
         def order(b):
             bare = [0.7 + rng.random() * 0.1 for _ in range(20)]
             return {"bare": {"wall": bare}, "trainable": {"wall": [x * ratio * b for x in bare]}}
-        return {"case": "dpo-nf4", "block": 1, "orders": {"trainable built first": order(bias),
-                                                           "bare built first": order(1 / bias)}}
+        return {"case": "dpo-nf4", "shape": "llama3-8b", "block": 1, "heap_frozen": True,
+                "orders": dict(zip(orders, (order(bias), order(1 / bias))))}
 
     files = []
-    for i, r in enumerate((0.98, 1.02)):
+    for i, r in enumerate((0.9, 1.2)):
         files.append(tmp_path / f"run{i}.jsonl")
         files[-1].write_text(json.dumps(run(r, 1.05)) + "\n")
     line = tvt.pooled([str(f) for f in files])
-    assert line.startswith("dpo-nf4: 4 orders pooled, trainable/bare ")
-    assert f"{math.sqrt(0.98 * 1.02):.3f} (means)" in line and "95% CI" in line
-    blocked = tmp_path / "block5.jsonl"
-    blocked.write_text(json.dumps(run(1.0, 1.0) | {"block": 5}) + "\n")
-    with pytest.raises(SystemExit, match="--block 1"):
-        tvt.pooled([str(blocked)])
+    assert line.startswith("dpo-nf4 (llama3-8b, heap frozen while training): 4 orders pooled, trainable/bare ")
+    assert f"{math.sqrt(0.9 * 1.2):.3f} (means)" in line and "95% CI" in line
+    bad = tmp_path / "bad.jsonl"
+    for broken, why in ((run(1.0, 1.0) | {"block": 5}, "--block 1"),
+                        (run(1.0, 1.0, orders=("trainable built first",)), "unbalanced build orders")):
+        bad.write_text(json.dumps(broken) + "\n")
+        with pytest.raises(SystemExit, match=why):
+            tvt.pooled([str(bad)])
+    short = run(1.0, 1.0)
+    short["orders"]["bare built first"]["trainable"]["wall"].pop()
+    bad.write_text(json.dumps(short) + "\n")
+    with pytest.raises(SystemExit, match="did not time the same steps"):
+        tvt.pooled([str(bad)])
 
 
 def test_the_interleaver_trains_both_sides_with_the_heap_frozen_and_unfreezes_after():

@@ -107,3 +107,33 @@ def test_packing_by_memory_sizes_each_trials_gpu_share(tiny_model):
         # holds it, and is the smallest 1/k that does (up to 16 per GPU)
         assert need <= share * 24 * 2**30 and (share == 1 / 16 or need > 24 * 2**30 / (1 / share + 1))
     assert gpu_shares(trials, replace(packed, pack_by_memory=False, gpus_per_trial=0.25)) == [0.25, 0.25]
+
+
+def test_a_failed_trial_on_the_lasting_thread_leaves_nothing_for_the_collector():
+    """The trial thread hands a failure to the waiting thread; once caught, the failed trial's objects (its model)
+    are freed by refcounting alone: no reference cycle through the waiting frame keeps them until a full
+    collection, which a process's first trial would freeze instead (trainables.trial._freeze_first_trial)."""
+    import gc
+    import weakref
+
+    from sweeps.runner import _TrialThread
+
+    class Model:
+        pass
+
+    refs = []
+
+    def trial():
+        model = Model()
+        refs.append(weakref.ref(model))
+        raise RuntimeError("boom")
+
+    gc.disable()
+    try:
+        try:
+            _TrialThread.run(trial)
+        except RuntimeError as err:
+            assert str(err) == "boom"
+        assert refs and refs[0]() is None
+    finally:
+        gc.enable()

@@ -117,7 +117,7 @@ def test_the_step_clock_times_garbage_collections_in_step_1_only(runs, tiny_mode
     took = {}
 
     class CollectInSteps1And2(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):  # after the trial froze what lived before
+        def on_train_begin(self, args, state, control, **kwargs):  # after a first trial's freeze (not frozen)
             junk.extend([i] for i in range(300_000))  # a heap a full collection has to walk
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -244,25 +244,35 @@ def test_same_seed_same_losses(runs, tiny_model, monkeypatch):
     assert int(newer.data.tags["worker_trial"]) == int(older.data.tags["worker_trial"]) + 1
 
 
-def test_a_trial_trains_with_the_heap_frozen_and_gives_its_objects_back(runs, tiny_model):
-    """While a trial trains, everything alive before (imports, its own model) is out of the collector's walks; after
-    it, nothing stays frozen and its objects are freed, those in reference cycles too."""
+def test_a_first_trial_trains_frozen_and_leaves_only_its_survivors_frozen(runs, tiny_model, monkeypatch):
+    """A process's first trial trains with what lives frozen (imports, its own model), so the collections while it
+    trains do not walk it; garbage from before is collected first, not frozen. After it, the trial's objects are
+    freed, those that died in a reference cycle while frozen too, and what is still alive (modules, caches) stays
+    frozen. Later trials freeze nothing more (what a caller's per-trial objects would leak)."""
     import gc
 
     from trainables import trial
 
+    monkeypatch.setattr(trial, "_frozen", False)
+    gc.unfreeze()
     client = tracking.client(runs)
     seen = {}
     trial.run_trial(tiny_trial(method="sft"), "a", runs, tracking.ensure_experiment(client, "t"),
                     callbacks=[_keep_model(seen)])
-    assert seen["frozen in training"] > 0 and seen["model frozen"]
-    assert gc.get_freeze_count() == 0
-    assert seen["model"]() is None and seen["cycle"]() is None
+    assert seen["model frozen"] and not seen["dead before frozen"]
+    assert seen["model"]() is None and seen["cycle"]() is None  # freed and collected, not frozen for good
+    assert gc.get_freeze_count() > 0
+    gc.unfreeze()
+    seen.clear()
+    trial.run_trial(tiny_trial(method="sft"), "b", runs, tracking.ensure_experiment(client, "t"),
+                    callbacks=[_keep_model(seen)])
+    assert not seen["model frozen"] and gc.get_freeze_count() == 0
 
 
-def test_a_failed_trials_objects_are_freed_once_caught(runs, tiny_model):
-    """A failure propagates with the trial's model in its traceback (frozen while it trained): the caller's
-    free_memory after its except block unfreezes and gives it back (a frozen one in a cycle would stay for good)."""
+def test_a_failed_trials_model_is_not_frozen_and_is_freed_once_caught(runs, tiny_model, monkeypatch):
+    """A failure propagates with the trial's model in its traceback (frozen while its first trial trained): the
+    caller's free_memory after its except block unfreezes and gives it back, and nothing stays frozen (a frozen
+    model in a cycle would stay for the process's life)."""
     import gc
 
     from transformers import TrainerCallback
@@ -273,6 +283,8 @@ def test_a_failed_trials_objects_are_freed_once_caught(runs, tiny_model):
         def on_step_end(self, *args, **kwargs):
             raise RuntimeError("boom")
 
+    monkeypatch.setattr(trial, "_frozen", False)
+    gc.unfreeze()
     client = tracking.client(runs)
     seen = {}
     with pytest.raises(RuntimeError, match="boom"):
@@ -288,23 +300,27 @@ class _Cycle:
 
 
 def _keep_model(seen):
-    """A TrainerCallback that keeps weak references to the trial's model and to an object in a reference cycle made
-    while the trainer is built (freed only by a collection that walks it), and notes as training begins how many
-    objects are frozen and whether the model is one of them."""
+    """A TrainerCallback that keeps weak references to the trial's model and to two objects in reference cycles in
+    the oldest generation (freed only by a full collection): one dies when the trainer is built, before a first
+    trial's freeze; the other lives until training begins, so it dies frozen. As training begins it notes whether
+    the model is frozen and whether the first cycle is still there (frozen with the heap)."""
     import gc
 
     from transformers import TrainerCallback
 
     class Keep(TrainerCallback):
         def on_init_end(self, args, state, control, **kwargs):
-            cycle = _Cycle()
-            cycle.me = cycle
-            seen["cycle"] = weakref.ref(cycle)
+            cycle, dead = _Cycle(), _Cycle()
+            cycle.me, dead.me = cycle, dead
+            gc.collect()  # both to the oldest generation: once dead, only a full collection frees them
+            seen["alive"], seen["cycle"], seen["dead"] = cycle, weakref.ref(cycle), weakref.ref(dead)
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
+            listed = {id(o) for o in gc.get_objects()}  # frozen objects are not listed
             seen["model"] = weakref.ref(model)
-            seen["frozen in training"] = gc.get_freeze_count()
-            seen["model frozen"] = all(o is not model for o in gc.get_objects())  # frozen ones are not listed
+            seen["model frozen"] = id(model) not in listed
+            seen["dead before frozen"] = seen["dead"]() is not None
+            del seen["alive"]  # dies now, while frozen in a first trial
 
     return Keep()
 

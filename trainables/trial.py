@@ -32,6 +32,7 @@ METHOD_TRAINERS = {"sft": sft.build_trainer, "dpo": dpo.build_trainer, "cita": c
 # GRIT's hooks) were paid too, which a kind's first trial here pays in its first step even on a warm worker.
 _trials_in_this_process = 0
 _kinds_in_this_process: set[tuple[str, str, str]] = set()
+_frozen = False  # see _freeze_once
 _this_thread = threading.local()  # .trials: trials this thread started (per-thread caches: sweeps.runner._TrialThread)
 
 
@@ -174,11 +175,7 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
         if on_trainer is not None:
             on_trainer(trainer)
         phases = {"time/setup_s": time.perf_counter() - clock}
-        # Out of the collector's walks until free_memory: what lives now (~840k objects on the 8B shape: imports,
-        # this trial's model and trainer). Python's full collections while training then walked ~6.5k objects,
-        # not all: 0.03 s in 60 8B dpo-nf4 steps against 1.2 s (bench/gc_census.py --frozen), as was accelerate's
-        # full collection at the start of train().
-        gc.freeze()
+        _freeze_first_trial()
         clock = time.perf_counter()
         try:
             trainer.train()
@@ -196,13 +193,36 @@ def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=
 
 def free_memory():
     """Give a finished or failed attempt's memory back (a reused worker runs the next trial in this process).
-    A failed attempt's objects are garbage only once its traceback is: call this after the except block too.
-    What train_and_evaluate froze, the attempt's model with it, is collectable again first (one full walk, ~0.3-0.5
-    s; frozen objects in reference cycles would otherwise never be freed)."""
-    gc.unfreeze()
+    A failed attempt's objects are garbage only once its traceback is: call this after the except block too."""
+    if not _frozen:
+        gc.unfreeze()  # what _freeze_first_trial froze, this attempt's model with it, becomes collectable again
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _freeze_first_trial():
+    """In a process's first trial (nothing frozen for good yet, see _freeze_once), what lives once its trainer is
+    built (imports, its model and trainer) is frozen until free_memory: Python's full collections while it trains
+    then walk ~6.5k objects, not ~840k. On the 8B shape: 0.03 s in 60 dpo-nf4 steps against 1.2 s (2.5% of the
+    training; bench/gc_census.py). Collected first, so no garbage is frozen with it (a failed trial's model, held
+    by a cycle, included); that walk replaces accelerate's at the start of train(), which then walks little."""
+    if not _frozen:
+        gc.collect()
+        gc.freeze()
+
+
+def _freeze_once():
+    """After this process's first finished trial, freeze what is alive (imported torch/transformers/TRL, caches:
+    nearly all of a warm worker's heap) out of the garbage collector's view, so the full collection each
+    trainer.train() starts with (accelerate's free_memory) skips it: ~0.5 s of every later trial's start
+    (bench/first_step.py). Once only: whatever is frozen is never collected, so a caller's per-trial objects
+    (Ray's session, a callback) that die in reference cycles would leak at every freeze. Not after a failure: its
+    traceback still holds the trial's model."""
+    global _frozen
+    if not _frozen:
+        gc.freeze()
+        _frozen = True
 
 
 def after_oom(attempt: TrialConfig, checkpointed: TrialConfig | None) -> TrialConfig | None:
@@ -259,6 +279,7 @@ def run_trial(config: dict, label: str, tracking_uri: str, experiment_id: str, p
     _this_thread.trials = thread_trials + 1
     metrics = _run_attempts(cfg, label, client, run_id, report, started, gpu_share, plan_micro_batch,
                             pad_to_multiple_of, reference_cache, reuse_base_model, liger_kernel, callbacks)
+    _freeze_once()
     if report is not None:
         report({k.replace("/", "_"): v for k, v in metrics.items()} | {"done": True})
     return metrics

@@ -96,7 +96,8 @@ def drop() -> bool:
     del model
     _kept.clear()
     if gone() is not None:  # in a reference cycle (none seen so far): refcounting alone did not free it
-        gc.collect()  # (trainables.trial freezes the heap only while a trial trains and evaluates)
+        gc.unfreeze()  # trainables.trial froze the warm worker's heap, this model with it; not frozen again, so
+        gc.collect()   # the live trial's objects are not frozen for good
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return True
