@@ -55,10 +55,9 @@ Table: mean and median s/step per side; ratio = trainable / bare (mean / median)
 <= 1.02. Notes: the range of per-block-pair ratios and a 95% paired-bootstrap interval of the ratio of means
 over block pairs (how far the verdict could move), and where each side's step wall went: its thread's CPU time
 (the closer to 100%, the more the step waits on the CPU launching kernels, and host jitter moves it; 54-57% on
-the 8B nf4 shape), garbage-collection pauses its
-thread set off, the host's steal time (--times FILE keeps these per step). While the sides train, everything alive
-is frozen out of the garbage collector's walks, for both alike, as a process's first trial freezes after building
-its trainer.
+the 8B nf4 shape), garbage-collection pauses its thread set off, the host's steal time (--times FILE keeps these
+per step). While the sides train, everything alive is frozen out of the garbage collector's walks, for both
+alike, as a process's first trial freezes after building its trainer.
 --control then runs two fresh bare trainers in the two places: one built first and scheduled as the trainable is,
 one built second and scheduled as bare is. Its row (same columns, ratio = the first one / the second one) is the
 run's noise floor, including any build-order or position effect, which the real ratio must be read against: on a
@@ -586,7 +585,7 @@ def pooled(files: list[str]) -> str:
         r = both_orders(*(pair for _, pair in orders))
         ci = "" if r["ci"] is None else f", 95% CI {r['ci'][0]:.3f}..{r['ci'][1]:.3f} (step noise within each run, " \
                                         "not between runs)"
-        regime = {True: "heap frozen while training", None: "heap regime not recorded"}.get(frozen, frozen)
+        regime = "heap frozen while training" if frozen else "heap regime not recorded"
         out.append(f"{case} ({shape}, {regime}): {len(orders)} "
                    f"orders pooled, trainable/bare {r['mean']:.3f} (means) / {r['median']:.3f} (medians){ci}")
     return "\n".join(out)
