@@ -43,16 +43,13 @@ def census(label: str):
 
 
 class Collections:
-    """gc.callbacks: each collection's generation, seconds and the training step it fell in."""
+    """Each collection's generation, seconds and the training step it fell in (`timer` goes in gc.callbacks)."""
 
     def __init__(self):
-        self.step, self.started, self.seen = 0, 0.0, []
+        from trainables.trial import gc_pause_timer
 
-    def __call__(self, phase, info):
-        if phase == "start":
-            self.started = time.perf_counter()
-        else:
-            self.seen.append((info["generation"], time.perf_counter() - self.started, self.step))
+        self.step, self.seen = 0, []
+        self.timer = gc_pause_timer(lambda info, seconds: self.seen.append((info["generation"], seconds, self.step)))
 
     def report(self, steps: int, wall: float):
         print(f"training: {steps} steps in {wall:.1f} s", flush=True)
@@ -102,12 +99,12 @@ def main():
     trainer.add_callback(StepOf())
     if a.frozen:
         gc.freeze()
-    gc.callbacks.append(seen)
+    gc.callbacks.append(seen.timer)
     started = time.perf_counter()
     try:
         trainer.train()
     finally:
-        gc.callbacks.remove(seen)
+        gc.callbacks.remove(seen.timer)
     seen.report(a.steps, time.perf_counter() - started)
     census("after training")
 

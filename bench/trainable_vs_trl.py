@@ -113,7 +113,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from grit_speed import Interrupted, abba_blocks, log, mark_interrupted, publish, report_on_sigterm  # noqa: E402
-from trainables.trial import free_memory, plan_text  # noqa: E402
+from trainables.trial import free_memory, gc_pause_timer, plan_text  # noqa: E402
 
 METHODS = ("sft", "dpo", "cita")
 CASES = [f"{m}-{p}" for p in ("bf16", "nf4", "fp32") for m in METHODS]
@@ -397,18 +397,15 @@ class Interleaver:
         self.sides, self.blocks = sides, blocks
         self.cv = threading.Condition()
         self.pos, self.left = -1, 0  # -1: setup (each side parks at its first step)
-        self.gc_started = None
+        self._gc_pause = gc_pause_timer(self._count_pause)
         for side in sides.values():
             side.trainer.add_callback(self._callback(side.name))
 
-    def _gc_pause(self, phase, info):
-        """gc.callbacks: a collection's pause counts to the side whose thread set it off."""
-        if phase == "start":
-            self.gc_started = time.perf_counter()
-            return
+    def _count_pause(self, info, seconds):
+        """A collection's pause counts to the side whose thread set it off."""
         side = self.sides.get(threading.current_thread().name.removeprefix("tvt-"))
-        if side is not None and self.gc_started is not None:
-            side.gc_now += time.perf_counter() - self.gc_started
+        if side is not None:
+            side.gc_now += seconds
 
     def _owner(self):
         return self.blocks[self.pos][0] if 0 <= self.pos < len(self.blocks) else None

@@ -103,21 +103,18 @@ def _step_clock(started: float, name: str = "trial"):
         return torch.cuda.memory_stats().get("segment.all.allocated", 0) if torch.cuda.is_available() else 0
 
     class StepClock(TrainerCallback):
-        first_begin = first_end = later_from = last_end = first_cpu = gc_started = setup_samples = None
+        first_begin = first_end = later_from = last_end = first_cpu = setup_samples = _time_gc = None
         first_mallocs = 0
         later = 0  # steps after the first
         first_gc = 0.0
 
-        def _time_gc(self, phase, info):
-            if phase == "start":
-                self.gc_started = time.perf_counter()
-            elif self.gc_started is not None:
-                self.first_gc += time.perf_counter() - self.gc_started
-                self.gc_started = None
+        def _add_gc(self, info, seconds):
+            self.first_gc += seconds
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self.first_begin is None:
                 _sync()  # once per trial, at both ends of step 1: the step alone, its device work included
+                self._time_gc = gc_pause_timer(self._add_gc)
                 gc.callbacks.append(self._time_gc)
                 self.first_mallocs = _cuda_mallocs()
                 if profile_dir:
@@ -160,6 +157,21 @@ def _step_clock(started: float, name: str = "trial"):
                     **({"sys/first_step_sampled": 1.0} if sampler is not None else {})}  # its times include it
 
     return StepClock()
+
+
+def gc_pause_timer(on_pause: Callable[[dict, float], None]):
+    """A gc.callbacks entry that calls on_pause(info, seconds) after each collection (info: its generation...)."""
+    started = None
+
+    def timer(phase, info):
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+        elif started is not None:
+            on_pause(info, time.perf_counter() - started)
+            started = None
+
+    return timer
 
 
 def train_and_evaluate(cfg: TrialConfig, workdir: str, callbacks=(), on_trainer=None, started: float | None = None,
