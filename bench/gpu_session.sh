@@ -133,10 +133,13 @@ step packing-unpadded 900 python bench/packing.py --mode packed --gpus 1 --packe
 # per 8B case, ~3 per SmolLM2 case at 30 steps. Still read above 1.02 by a median at 30 steps, CIs reaching
 # below 1: 8B sft-bf16, sft-nf4, dpo-bf16, SmolLM2 sft-nf4 (1.032 / 1.055). The loop now trains both sides with
 # the heap frozen (full collections of ~0.45 s were the largest noise): tvt-recheck runs them at 90 steps.
-step tvt-recheck 1800 bash -c 'python bench/trainable_vs_trl.py --cases sft-bf16 sft-nf4 dpo-bf16 --steps 90 \
-  --block 1 --swap --times '"$RESULTS"'/tvt-times.jsonl --bench-file '"$ADD"' &&
-  python bench/trainable_vs_trl.py --shape smollm2 --cases sft-nf4 dpo-bf16 --steps 90 --block 1 --swap \
-  --times '"$RESULTS"'/tvt-times-smollm2.jsonl --bench-file '"$ADD"
+# TVT_RECHECK_8B / TVT_RECHECK_SMOLLM2 name the cases (empty: none), to split the recheck over two VMs.
+step tvt-recheck 1800 bash -c 'set -e
+  c8=${TVT_RECHECK_8B-sft-bf16 sft-nf4 dpo-bf16}; cs=${TVT_RECHECK_SMOLLM2-sft-nf4 dpo-bf16}
+  if [ -n "$c8" ]; then python bench/trainable_vs_trl.py --cases $c8 --steps 90 --block 1 --swap \
+    --times '"$RESULTS"'/tvt-times.jsonl --bench-file '"$ADD"'; fi
+  if [ -n "$cs" ]; then python bench/trainable_vs_trl.py --shape smollm2 --cases $cs --steps 90 --block 1 --swap \
+    --times '"$RESULTS"'/tvt-times-smollm2.jsonl --bench-file '"$ADD"'; fi'
 step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases ${TVT_SMOLLM2_CASES:-cita-nf4 dpo-nf4} --steps 30 \
                      --block 1 --control --swap --bench-file "$ADD"
 # 8B cita-bf16 measured in both orders on 2026-11-24 midday (0.974 / 0.965); cita-nf4 not yet.
