@@ -140,6 +140,10 @@ step tvt-recheck 1800 bash -c 'set -e
     --times '"$RESULTS"'/tvt-times.jsonl --bench-file '"$ADD"'; fi
   if [ -n "$cs" ]; then python bench/trainable_vs_trl.py --shape smollm2 --cases $cs --steps 90 --block 1 --swap \
     --times '"$RESULTS"'/tvt-times-smollm2.jsonl --bench-file '"$ADD"'; fi'
+# Do the two sides dispatch the same operators and kernels per step (bench/op_census.py)? 8B sft-bf16 read 1.020
+# pooled over 4 orders at 90 steps (2026-11-24 evening); a launch-bound step follows what each side dispatches.
+step op-census 600 bash -c 'python bench/op_census.py --cases sft-bf16 sft-nf4 dpo-bf16 &&
+  python bench/op_census.py --shape smollm2 --cases sft-nf4 dpo-bf16'
 step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases ${TVT_SMOLLM2_CASES:-cita-nf4 dpo-nf4} --steps 30 \
                      --block 1 --control --swap --bench-file "$ADD"
 # 8B cita-bf16 measured in both orders on 2026-11-24 midday (0.974 / 0.965); cita-nf4 not yet.

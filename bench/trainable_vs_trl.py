@@ -1143,7 +1143,14 @@ def planner_report(results, a) -> str:
 
 # ---- main ----------------------------------------------------------------------------------------------------
 class Env:
-    pass
+    """What every case of a bench run shares: a temp dir, the checkpoint both sides load, a local MLflow store."""
+
+    def __init__(self, a, experiment: str):
+        self.tmp = tempfile.mkdtemp(prefix="tvt_")
+        self.model_name, self.ckpt = checkpoint(a)
+        from trainables import tracking  # a real local SQLite MLflow store, as a laptop trial uses
+        self.client = tracking.client(f"sqlite:///{self.tmp}/mlflow.db")
+        self.experiment_id = tracking.ensure_experiment(self.client, experiment)
 
 
 def main():
@@ -1231,12 +1238,7 @@ def main():
         print(checkpoint(a)[1])
         return
     started = time.time()
-    env = Env()
-    env.tmp = tempfile.mkdtemp(prefix="tvt_")
-    env.model_name, env.ckpt = checkpoint(a)
-    from trainables import tracking  # a real local SQLite MLflow store, as a laptop trial uses
-    env.client = tracking.client(f"sqlite:///{env.tmp}/mlflow.db")
-    env.experiment_id = tracking.ensure_experiment(env.client, "bench-trainable-vs-trl")
+    env = Env(a, "bench-trainable-vs-trl")
     log(f"device {'cuda' if cuda() else 'cpu'}; shape {a.shape}; cases {a.cases}; seq {a.seq}; "
         f"{'planner' if a.planner else 'ABBA'} mode{' + A/A control' if a.control else ''}; steps {a.steps} + "
         f"warmup {a.warmup}")

@@ -634,3 +634,37 @@ def test_the_interleaver_trains_both_sides_with_the_heap_frozen_and_unfreezes_af
         assert s.error is None and len(s.trainer.frozen) == s.trainer.steps and all(s.trainer.frozen)
         assert len(s.times) == len(s.cpu) == len(s.gc) == s.trainer.steps - 1
     assert gc.get_freeze_count() == 0
+
+
+def test_op_census_finds_the_trainable_dispatching_what_bare_trl_does():
+    """bench/op_census.py on the CPU (tiny Llama, fp32): the trainable and bare TRL run the same aten operators per
+    step, for SFT and for DPO (the trainable's DPO keeps checkpointing on in the reference pass: same operators)."""
+    import re
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "op_census.py"), "--tiny", "--steps", "2",
+                           "--warmup", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = re.findall(r"^(\w+-fp32): per step over 2 / 2 steps: aten operators trainable (\d+), bare (\d+)",
+                        proc.stdout, re.M)
+    assert [c[0] for c in counts] == ["sft-fp32", "dpo-fp32"], proc.stdout
+    for _, trainable, bare in counts:
+        assert int(trainable) == int(bare) > 100
+    assert proc.stdout.count("same operators and kernel launches per step") == 2
+
+
+def test_op_census_lists_the_operators_whose_counts_differ():
+    import op_census
+
+    def census(counts, steps=2):
+        c = op_census.Census(warmup=1)
+        c.counts, c.cpu_us, c.steps = counts, {k: 10.0 for k in counts}, steps
+        return c
+
+    same = {"aten::mm": 8, "aten::add_": 4, "cudaLaunchKernel": 12, "ProfilerStep": 2}
+    lines = op_census.report("sft-bf16", {"trainable": census(same), "bare": census(dict(same, ProfilerStep=1))})
+    assert lines[1] == "sft-bf16: same operators and kernel launches per step"  # non-aten events do not count
+    hooked = dict(same, **{"aten::mm": 10, "aten::mul": 2, "cudaLaunchKernel": 16})
+    lines = op_census.report("sft-bf16", {"trainable": census(hooked), "bare": census(same)})
+    assert "aten operators trainable 8, bare 6; kernel launches trainable 8, bare 6" in lines[0]
+    assert lines[1:] == [f"  {op}: +{d:.1f} per step (trainable - bare)"
+                         for op, d in (("cudaLaunchKernel", 2), ("aten::mm", 1), ("aten::mul", 1))]
