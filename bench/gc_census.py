@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,36 +73,38 @@ def main():
     import trainable_vs_trl as tvt
     from transformers import TrainerCallback
 
-    import trainables.tracking  # noqa: F401 - MLflow's objects count in the first census, as the trial's imports
-
     if not a.tiny and not tvt.cuda():
         sys.exit("No CUDA device: run with --tiny for a CPU check of the script.")
     census("after the imports")
     a.case = a.case or ("dpo-fp32" if a.tiny else "dpo-nf4")
     method, precision = a.case.split("-")
-    a.shape, a.seq, a.ckpt_dir = ("tiny" if a.tiny else "llama3-8b"), (64 if a.tiny else 1024), None
+    a.shape, a.seq = ("tiny" if a.tiny else "llama3-8b"), (64 if a.tiny else 1024)
+    a.ckpt_dir = os.environ.get("ALIGNSWEEP_BENCH_CKPT")
     env = tvt.Env(a, "bench-gc-census")
-    data = tvt.data_for(method, env.ckpt, a.seq, a.steps + 8)
-    cfg = tvt.trial_config(method, precision, env.model_name, a.seq, 1, 1, a.steps)
-    trainer = tvt.build_trainable(cfg, data, env)[0]
-    census("trainer built")
-    seen = Collections()
-
-    class StepOf(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            seen.step = state.global_step + 1
-
-    trainer.add_callback(StepOf())
-    if a.frozen:
-        gc.freeze()
-    gc.callbacks.append(seen.timer)
-    started = time.perf_counter()
     try:
-        trainer.train()
+        data = tvt.data_for(method, env.ckpt, a.seq, a.steps + 8)
+        cfg = tvt.trial_config(method, precision, env.model_name, a.seq, 1, 1, a.steps)
+        trainer = tvt.build_trainable(cfg, data, env)[0]
+        census("trainer built")
+        seen = Collections()
+
+        class StepOf(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                seen.step = state.global_step + 1
+
+        trainer.add_callback(StepOf())
+        if a.frozen:
+            gc.freeze()
+        gc.callbacks.append(seen.timer)
+        started = time.perf_counter()
+        try:
+            trainer.train()
+        finally:
+            gc.callbacks.remove(seen.timer)
+        seen.report(a.steps, time.perf_counter() - started)
+        census("after training")
     finally:
-        gc.callbacks.remove(seen.timer)
-    seen.report(a.steps, time.perf_counter() - started)
-    census("after training")
+        env.close()
 
 
 if __name__ == "__main__":

@@ -140,13 +140,14 @@ step packing-unpadded 900 python bench/packing.py --mode packed --gpus 1 --packe
 step tvt-recheck 1800 bash -c 'set -e
   c8=${TVT_RECHECK_8B-sft-bf16 sft-nf4 dpo-bf16}; cs=${TVT_RECHECK_SMOLLM2-sft-nf4 dpo-bf16}
   if [ -n "$c8" ]; then python bench/trainable_vs_trl.py --cases $c8 --steps 90 --block 1 --swap \
-    --times '"$RESULTS"'/tvt-times.jsonl --bench-file '"$ADD"'; fi
+    --times "$1/tvt-times.jsonl" --bench-file "$2"; fi
   if [ -n "$cs" ]; then python bench/trainable_vs_trl.py --shape smollm2 --cases $cs --steps 90 --block 1 --swap \
-    --times '"$RESULTS"'/tvt-times-smollm2.jsonl --bench-file '"$ADD"'; fi'
-# Do the two sides dispatch the same operators and kernels per step (bench/op_census.py)? 8B sft-bf16 read 1.020
-# pooled over 4 orders at 90 steps (2026-11-24 evening); a launch-bound step follows what each side dispatches.
-step op-census 600 bash -c 'python bench/op_census.py --cases sft-bf16 sft-nf4 dpo-bf16 &&
-  python bench/op_census.py --shape smollm2 --cases sft-nf4 dpo-bf16'
+    --times "$1/tvt-times-smollm2.jsonl" --bench-file "$2"; fi' _ "$RESULTS" "$ADD"
+# Do the two sides dispatch the same operators and kernels per step (bench/op_census.py)? 8B sft-bf16 read 1.016
+# pooled over 6 orders at 90 steps (2026-11-24 evening); measured that evening (same counts, DPO +2 aten::empty per
+# layer): re-check after changes to the trainable. SmolLM2 needs its own limit (the GGUF conversion on a fresh VM).
+step op-census-8b 600 python bench/op_census.py --cases sft-bf16 sft-nf4 dpo-bf16
+step op-census-smollm2 600 python bench/op_census.py --shape smollm2 --cases sft-nf4 sft-bf16 dpo-bf16
 step tvt-smollm2 900 python bench/trainable_vs_trl.py --shape smollm2 --cases ${TVT_SMOLLM2_CASES:-cita-nf4 dpo-nf4} --steps 30 \
                      --block 1 --control --swap --bench-file "$ADD"
 # 8B cita-bf16 measured in both orders on 2026-11-24 midday (0.974 / 0.965); cita-nf4 not yet.

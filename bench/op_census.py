@@ -5,13 +5,14 @@ by Python launching kernels (GPU kernels ~0.16 s of a ~0.4 s step), so a ratio o
 work each side dispatches, or from the noise of a launch-bound step (its A/A control read up to 0.94-1.06). This
 tells the two apart without timing: it builds each side as trainable_vs_trl.py does (the trainable through
 trainables.trial.prepare with the trial's MLflow step logger, bare TRL + PEFT by hand, the same data), trains each
-alone for --warmup + --steps steps, and counts under torch.profiler, over the last --steps:
-- aten operator calls per step (nested ones included), and the operators whose counts differ between the sides;
-- kernel launches per step (CUDA runtime and driver launch calls; 0 on a CPU);
-- the profiled CPU self time per step, all threads (the profiler inflates it: compare the two sides, not with
-  trainable_vs_trl's step times).
-Equal counts mean both sides run the same operators and kernels; a step-time ratio away from 1 then comes from
-Python around them (callbacks, the step logger) or from noise.
+alone, and counts under torch.profiler over --steps whole steps after --warmup (each step's batch fetch and
+logging included; trainable_vs_trl.ProfiledWindow), per step:
+- each namespaced operator (aten::, bitsandbytes::, autograd's backward functions; nested ones count), each
+  kernel-launch call (CUDA runtime and driver) and each GPU kernel by name; then every one whose count differs;
+- the profiled CPU self time, all threads, and the wall (the profiler inflates both: compare the two sides, not
+  with trainable_vs_trl's step times).
+Equal counts mean both sides run the same operators and the same kernels; a step-time ratio away from 1 then comes
+from host-side time around them (callbacks, the step logger, the CPU time the same calls take) or from noise.
 
     python bench/op_census.py --cases sft-bf16 sft-nf4 dpo-bf16            # Llama-3-8B shape (random weights), GPU
     python bench/op_census.py --shape smollm2 --cases sft-nf4 dpo-bf16
@@ -20,8 +21,8 @@ Python around them (callbacks, the step logger) or from noise.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,94 +32,80 @@ sys.path.insert(0, str(ROOT / "bench"))
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
-class Census:
-    """A TrainerCallback: torch.profiler over the steps after `warmup`; `counts` and `cpu_us` per event name."""
-
-    def __init__(self, warmup: int):
-        from transformers import TrainerCallback
-
-        census = self
-
-        class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kw):
-                if state.global_step == warmup:
-                    census.start()
-
-            def on_train_end(self, args, state, control, **kw):
-                census.stop(state.global_step - warmup)
-
-        self.callback = Callback()
-        self.prof, self.counts, self.cpu_us, self.steps, self.wall = None, {}, {}, 0, 0.0
-
-    def start(self):
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        self.prof = profile(activities=activities)
-        self.prof.__enter__()
-        self.t0 = time.perf_counter()
-
-    def stop(self, steps: int):
-        if self.prof is None:
-            return
-        self.wall = time.perf_counter() - self.t0
-        self.prof.__exit__(None, None, None)
-        events = self.prof.key_averages()
-        self.counts = {e.key: e.count for e in events}
-        self.cpu_us = {e.key: e.self_cpu_time_total for e in events}
-        self.steps, self.prof = steps, None
-
-    def per_step(self) -> dict:
-        n = max(self.steps, 1)
-        return {"aten": sum(c for k, c in self.counts.items() if k.startswith("aten::")) / n,
-                "launches": sum(self.counts.get(k, 0) for k in LAUNCHES) / n,
-                "cpu_ms": sum(self.cpu_us.values()) / n / 1e3, "wall_s": self.wall / n}
+def dispatched(events, steps: int, kernel_type) -> dict[str, float]:
+    """Per step: each namespaced operator (aten::, bitsandbytes::, autograd::engine::...), each kernel-launch call
+    and each GPU kernel (by name, "kernel: ..."; copies and memsets left out). Nested operators count too."""
+    counts = {}
+    for e in events:
+        if e.device_type == kernel_type:
+            if not e.key.startswith(("Memcpy", "Memset")):
+                counts[f"kernel: {e.key}"] = e.count / steps
+        elif "::" in e.key or e.key in LAUNCHES:
+            counts[e.key] = e.count / steps
+    return counts
 
 
-def count_side(build, warmup: int) -> Census:
-    """Builds one side (`build()` -> trainer), trains it with a Census, frees it."""
+class Side:
+    """One side's census: `counts` per step (`dispatched`), profiled CPU self time (all threads) and wall per step."""
+
+    def __init__(self, counts: dict[str, float], cpu_ms: float, wall_s: float):
+        self.counts, self.cpu_ms, self.wall_s = counts, cpu_ms, wall_s
+
+    def total(self, kind: str) -> float:
+        if kind == "aten":
+            return sum(v for k, v in self.counts.items() if k.startswith("aten::"))
+        if kind == "launches":
+            return sum(self.counts.get(k, 0) for k in LAUNCHES)
+        return sum(v for k, v in self.counts.items() if k.startswith("kernel: "))
+
+
+def count_side(build, a) -> Side:
+    """Builds one side (`build()` -> trainer), trains it with a profiled window over steps [warmup, warmup + steps),
+    frees it."""
+    import trainable_vs_trl as tvt
     from trainables.trial import free_memory
 
-    census = Census(warmup)
     trainer = build()
-    trainer.add_callback(census.callback)
+    window = tvt.ProfiledWindow(trainer, a.warmup, a.steps)
     try:
         trainer.train()
     finally:
+        window.close()
         trainer.accelerator.free_memory()
         del trainer
         free_memory()
-    return census
+    if window.events is None:
+        raise RuntimeError(f"training ended before step {a.warmup + a.steps}: the window was not profiled")
+    cpu_us = sum(e.self_cpu_time_total for e in window.events)
+    return Side(dispatched(window.events, a.steps, window.kernel), cpu_us / a.steps / 1e3, window.seconds / a.steps)
 
 
-def run_case(case: str, env, a) -> dict[str, Census]:
+def run_case(case: str, env, a) -> dict[str, Side]:
     import trainable_vs_trl as tvt
 
     method, precision = case.split("-")
-    max_steps = a.warmup + a.steps
+    max_steps = a.warmup + a.steps + 1  # the window closes as the step after it begins
     data = tvt.data_for(method, env.ckpt, a.seq, max_steps + 8)
     cfg = tvt.trial_config(method, precision, env.model_name, a.seq, 1, 1, max_steps)
-    return {"trainable": count_side(lambda: tvt.build_trainable(cfg, data, env)[0], a.warmup),
+    return {"trainable": count_side(lambda: tvt.build_trainable(cfg, data, env)[0], a),
             "bare": count_side(lambda: tvt.build_bare(method, precision, env.ckpt, data, a.seq, 1, 1, max_steps,
-                                                      env.tmp), a.warmup)}
+                                                      env.tmp), a)}
 
 
-def report(case: str, sides: dict[str, Census], top: int = 12) -> list[str]:
+def report(case: str, sides: dict[str, Side], top: int = 12) -> list[str]:
     t, b = sides["trainable"], sides["bare"]
-    ts, bs = t.per_step(), b.per_step()
-    lines = [f"{case}: per step over {t.steps} / {b.steps} steps: aten operators trainable {ts['aten']:.0f}, bare "
-             f"{bs['aten']:.0f}; kernel launches trainable {ts['launches']:.0f}, bare {bs['launches']:.0f}; profiled "
-             f"CPU ms trainable {ts['cpu_ms']:.1f}, bare {bs['cpu_ms']:.1f}; profiled wall s trainable "
-             f"{ts['wall_s']:.3f}, bare {bs['wall_s']:.3f}"]
-    names = set(t.counts) | set(b.counts)
-    differ = {k: t.counts.get(k, 0) / max(t.steps, 1) - b.counts.get(k, 0) / max(b.steps, 1) for k in names
-              if k.startswith("aten::") or k in LAUNCHES}
+    totals = "; ".join(f"{label} trainable {t.total(kind):.0f}, bare {b.total(kind):.0f}" for kind, label in
+                       (("aten", "aten operators"), ("launches", "kernel launches"), ("kernels", "GPU kernels")))
+    lines = [f"{case}: per step: {totals}; profiled CPU ms trainable {t.cpu_ms:.1f}, bare {b.cpu_ms:.1f}; profiled "
+             f"wall s trainable {t.wall_s:.3f}, bare {b.wall_s:.3f}"]
+    differ = {k: t.counts.get(k, 0) - b.counts.get(k, 0) for k in set(t.counts) | set(b.counts)}
     differ = {k: d for k, d in differ.items() if d}
     if not differ:
-        lines.append(f"{case}: same operators and kernel launches per step")
-    for k in sorted(differ, key=lambda k: (-abs(differ[k]), k))[:top]:
-        lines.append(f"  {k}: {differ[k]:+.1f} per step (trainable - bare)")
+        lines.append(f"{case}: same operators, kernel launches and GPU kernels per step")
+    ranked = sorted(differ, key=lambda k: (-abs(differ[k]), k))
+    lines += [f"  {k[:100]}: {differ[k]:+.1f} per step (trainable - bare)" for k in ranked[:top]]
+    if len(ranked) > top:
+        lines.append(f"  ... and {len(ranked) - top} more")
     return lines
 
 
@@ -134,17 +121,22 @@ def main():
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 1024; --tiny 64)")
     ap.add_argument("--tiny", action="store_true", help="CPU check: tiny Llama shape, fp32")
     a = ap.parse_args()
+    if a.steps < 1 or a.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
     if not a.tiny and not tvt.cuda():
         sys.exit("No CUDA device: run with --tiny for a CPU check of the script.")
     a.shape = a.shape or ("tiny" if a.tiny else "llama3-8b")
     a.seq = a.seq or (64 if a.tiny else 1024)
     a.cases = a.cases or (["sft-fp32", "dpo-fp32"] if a.tiny else ["sft-bf16", "dpo-bf16"])
-    a.ckpt_dir = None
+    a.ckpt_dir = os.environ.get("ALIGNSWEEP_BENCH_CKPT")
     env = tvt.Env(a, "bench-op-census")
-    for case in a.cases:
-        tvt.log(f"{case} ...")
-        for line in report(case, run_case(case, env, a)):
-            print(line, flush=True)
+    try:
+        for case in a.cases:
+            tvt.log(f"{case} ...")
+            for line in report(case, run_case(case, env, a)):
+                print(line, flush=True)
+    finally:
+        env.close()
 
 
 if __name__ == "__main__":

@@ -910,47 +910,67 @@ def run_planner_case(case, env, a) -> dict:
 WARM_STEPS = 2  # --profile-steps: steps before the profiled ones (first-use costs)
 
 
+class ProfiledWindow:
+    """torch.profiler (CPU, and CUDA on a GPU) over training steps [start, start + steps) of `trainer`, started and
+    stopped in on_step_begin after a device sync, so the window holds whole steps (each one's batch fetch and
+    logging included): train with max_steps >= start + steps + 1. Once stopped: `events` (key_averages) and
+    `seconds`. close() stops a window that training left open (a failure); `events` then stays None."""
+
+    def __init__(self, trainer, start: int, steps: int):
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        from grit_speed import callback
+
+        self.start, self.steps, self.events, self.seconds, self._t0 = start, steps, None, None, None
+        self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda() else []))
+        self.kernel = torch.autograd.DeviceType.CUDA
+        trainer.add_callback(callback(on_step_begin=self._on_step_begin))
+
+    def _on_step_begin(self, state):
+        sync()
+        if state.global_step == self.start:
+            self.prof.start()
+            self._t0 = time.perf_counter()
+        elif state.global_step == self.start + self.steps and self._t0 is not None:
+            self.seconds = time.perf_counter() - self._t0
+            self.close()
+
+    def close(self):
+        if self._t0 is None:
+            return
+        self.prof.stop()
+        self._t0 = None
+        if self.seconds is not None:
+            self.events = self.prof.key_averages()
+
+
 def profile_planned_case(case, env, a) -> dict:
     """The trainable at the planner's plan alone, torch.profiler over --profile-steps steps after WARM_STEPS:
     where the planned step's device time goes (kernels by group, their share of the wall), printed; no table."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from grit_speed import callback
-
     method = case.split("-")[0]
     steps_total = WARM_STEPS + a.profile_steps + 1
     _, _, planned, _ = planned_case(case, env, a, steps_total)
     ds = data_for(method, env.ckpt, a.seq, steps_total * a.effective_batch + 8)
     trainer, _, run_id = build_trainable(planned.config, ds, env)
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
-    window = {}
-
-    def on_step_begin(state):
-        sync()
-        if state.global_step == WARM_STEPS:
-            prof.start()
-            window["start"] = time.perf_counter()
-        elif state.global_step == WARM_STEPS + a.profile_steps:
-            window["seconds"] = time.perf_counter() - window["start"]
-            prof.stop()
-
-    trainer.add_callback(callback(on_step_begin=on_step_begin))
-    trainer.train()
+    window = ProfiledWindow(trainer, WARM_STEPS, a.profile_steps)
+    try:
+        trainer.train()
+    finally:
+        window.close()
     env.client.set_terminated(run_id, "FINISHED")
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in window.events if e.device_type == window.kernel]
     busy = sum(e.self_device_time_total for e in kernels) / 1e6  # s, summed over the profiled steps
     groups = {}
     for e in kernels:
         group = kernel_group(e.key)
         groups[group] = groups.get(group, 0.0) + e.self_device_time_total / 1e6
-    wall = window["seconds"]
+    wall = window.seconds
     log(f"{case} profile: {a.profile_steps} steps in {wall:.3f} s ({wall / a.profile_steps:.3f} s/step, profiler "
         f"on); kernels {busy:.3f} s ({busy / wall:.0%} of the wall; the rest is the GPU idle or kernels overlapping)")
     for group, seconds in sorted(groups.items(), key=lambda g: -g[1]):
         log(f"  {group:<22} {seconds / a.profile_steps:.3f} s/step ({seconds / busy:.1%} of kernel time)")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70),
-          flush=True)
+    print(window.events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
     trainer.accelerator.free_memory()
     return {"profile": groups, "wall": wall, "busy": busy}
 
@@ -1143,14 +1163,23 @@ def planner_report(results, a) -> str:
 
 # ---- main ----------------------------------------------------------------------------------------------------
 class Env:
-    """What every case of a bench run shares: a temp dir, the checkpoint both sides load, a local MLflow store."""
+    """What every case of a bench run shares: a temp dir, the checkpoint both sides load, a local MLflow store.
+    close() removes the temp dir (and a --tiny checkpoint); the 8B checkpoint stays for the next run."""
 
     def __init__(self, a, experiment: str):
-        self.tmp = tempfile.mkdtemp(prefix="tvt_")
+        self.tmp = tempfile.mkdtemp(prefix=f"{experiment}_")
         self.model_name, self.ckpt = checkpoint(a)
+        self.tiny = a.shape == "tiny"
         from trainables import tracking  # a real local SQLite MLflow store, as a laptop trial uses
         self.client = tracking.client(f"sqlite:///{self.tmp}/mlflow.db")
         self.experiment_id = tracking.ensure_experiment(self.client, experiment)
+
+    def close(self):
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tiny:
+            shutil.rmtree(self.ckpt.parent, ignore_errors=True)
 
 
 def main():
@@ -1281,9 +1310,8 @@ def main():
         publish((planner_report if a.planner else report)(results, a),
                 a.bench_file or (os.path.join(env.tmp, "BENCHMARKS.md") if a.tiny else str(ROOT / "BENCHMARKS.md")))
     log(f"done in {time.time() - started:.0f} s")
-    if not a.tiny:  # the MLflow store and empty output dirs; the 8B checkpoint stays for the next call
-        import shutil
-        shutil.rmtree(env.tmp, ignore_errors=True)
+    if not a.tiny:  # --tiny keeps its temp dir: the report was written there
+        env.close()
 
 
 if __name__ == "__main__":

@@ -637,34 +637,41 @@ def test_the_interleaver_trains_both_sides_with_the_heap_frozen_and_unfreezes_af
 
 
 def test_op_census_finds_the_trainable_dispatching_what_bare_trl_does():
-    """bench/op_census.py on the CPU (tiny Llama, fp32): the trainable and bare TRL run the same aten operators per
-    step, for SFT and for DPO (the trainable's DPO keeps checkpointing on in the reference pass: same operators)."""
+    """bench/op_census.py on the CPU (tiny Llama, fp32): the trainable and bare TRL run the same operators per step,
+    for SFT and for DPO (the trainable's DPO keeps checkpointing on in the reference pass: on the CPU, the same
+    operators; on a GPU, +2 aten::empty per layer, BENCHMARKS.md). The window holds whole steps: one profiled step
+    counts what each of two does."""
     import re
 
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "op_census.py"), "--tiny", "--steps", "2",
-                           "--warmup", "1"], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    counts = re.findall(r"^(\w+-fp32): per step over 2 / 2 steps: aten operators trainable (\d+), bare (\d+)",
-                        proc.stdout, re.M)
-    assert [c[0] for c in counts] == ["sft-fp32", "dpo-fp32"], proc.stdout
-    for _, trainable, bare in counts:
-        assert int(trainable) == int(bare) > 100
-    assert proc.stdout.count("same operators and kernel launches per step") == 2
+    def census(steps: int, cases=("sft-fp32", "dpo-fp32")) -> dict[str, tuple[int, int]]:
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "op_census.py"), "--tiny", "--steps", str(steps),
+                               "--warmup", "1", "--cases", *cases], capture_output=True, text=True, cwd=ROOT,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.stdout.count("same operators, kernel launches and GPU kernels per step") == len(cases)
+        return {c: (int(t), int(b)) for c, t, b in re.findall(
+            r"^(\w+-fp32): per step: aten operators trainable (\d+), bare (\d+);", proc.stdout, re.M)}
+
+    two = census(2)
+    assert list(two) == ["sft-fp32", "dpo-fp32"]
+    for trainable, bare in two.values():
+        assert trainable == bare > 100
+    assert census(1, ["sft-fp32"])["sft-fp32"] == two["sft-fp32"]
 
 
-def test_op_census_lists_the_operators_whose_counts_differ():
+def test_op_census_lists_the_operators_and_kernels_whose_counts_differ():
     import op_census
 
-    def census(counts, steps=2):
-        c = op_census.Census(warmup=1)
-        c.counts, c.cpu_us, c.steps = counts, {k: 10.0 for k in counts}, steps
-        return c
-
-    same = {"aten::mm": 8, "aten::add_": 4, "cudaLaunchKernel": 12, "ProfilerStep": 2}
-    lines = op_census.report("sft-bf16", {"trainable": census(same), "bare": census(dict(same, ProfilerStep=1))})
-    assert lines[1] == "sft-bf16: same operators and kernel launches per step"  # non-aten events do not count
-    hooked = dict(same, **{"aten::mm": 10, "aten::mul": 2, "cudaLaunchKernel": 16})
-    lines = op_census.report("sft-bf16", {"trainable": census(hooked), "bare": census(same)})
-    assert "aten operators trainable 8, bare 6; kernel launches trainable 8, bare 6" in lines[0]
-    assert lines[1:] == [f"  {op}: +{d:.1f} per step (trainable - bare)"
-                         for op, d in (("cudaLaunchKernel", 2), ("aten::mm", 1), ("aten::mul", 1))]
+    same = {"aten::mm": 4, "aten::add_": 2, "cudaLaunchKernel": 6, "kernel: gemm": 4, "bitsandbytes::dequant": 1}
+    lines = op_census.report("sft-bf16", {"trainable": op_census.Side(same, 1.0, 0.1),
+                                          "bare": op_census.Side(dict(same), 2.0, 0.2)})
+    assert lines[1:] == ["sft-bf16: same operators, kernel launches and GPU kernels per step"]
+    hooked = dict(same, **{"aten::mm": 5, "aten::mul": 1, "cudaLaunchKernel": 8, "kernel: gemm": 5,
+                           "kernel: mul": 1})
+    lines = op_census.report("sft-bf16", {"trainable": op_census.Side(hooked, 1.0, 0.1),
+                                          "bare": op_census.Side(same, 1.0, 0.1)}, top=4)
+    assert ("aten operators trainable 8, bare 6; kernel launches trainable 8, bare 6; GPU kernels trainable 6, "
+            "bare 4") in lines[0]
+    assert lines[1:] == [f"  {op}: +{d:.1f} per step (trainable - bare)" for op, d in
+                         (("cudaLaunchKernel", 2), ("aten::mm", 1), ("aten::mul", 1), ("kernel: gemm", 1))] + [
+                            "  ... and 1 more"]
