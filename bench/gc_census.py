@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
-import os
 import sys
 import time
 from pathlib import Path
@@ -79,7 +78,7 @@ def main():
     a.case = a.case or ("dpo-fp32" if a.tiny else "dpo-nf4")
     method, precision = a.case.split("-")
     a.shape, a.seq = ("tiny" if a.tiny else "llama3-8b"), (64 if a.tiny else 1024)
-    a.ckpt_dir = os.environ.get("ALIGNSWEEP_BENCH_CKPT")
+    a.ckpt_dir = None  # trainable_vs_trl.default_ckpt_root
     env = tvt.Env(a, "bench-gc-census")
     try:
         data = tvt.data_for(method, env.ckpt, a.seq, a.steps + 8)

@@ -165,7 +165,8 @@ step first-step-as-sweep 900 env OMP_NUM_THREADS=1 ALIGNSWEEP_PROFILE_STEP1="$RE
 # sides: smaller, more frequent collections, same total) 0.973, CI 0.945..1.003. What a full collection walks,
 # and the total with and without a frozen heap: gc-census (needs the random 8B checkpoint).
 step tvt-8b-nf4 1500 python bench/trainable_vs_trl.py --cases ${TVT_8B_NF4_CASES:-dpo-nf4 sft-nf4} \
-                     --steps ${TVT_STEPS:-30} --block 1 ${TVT_CONTROL---control} --swap --times "$RESULTS/tvt-times.jsonl" --bench-file "$ADD"
+                     --steps ${TVT_STEPS:-30} --block 1 ${TVT_CONTROL---control} --swap \
+                     --times "$RESULTS/tvt-times.jsonl" --bench-file "$ADD"
 step gc-census 400 bash -c 'python bench/gc_census.py --steps 40 && python bench/gc_census.py --steps 40 --frozen'
 step tvt-8b-bf16 1200 python bench/trainable_vs_trl.py --cases dpo-bf16 sft-bf16 --steps 30 --block 1 --control --swap \
                      --bench-file "$ADD"

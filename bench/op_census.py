@@ -21,7 +21,6 @@ from host-side time around them (callbacks, the step logger, the CPU time the sa
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -128,7 +127,7 @@ def main():
     a.shape = a.shape or ("tiny" if a.tiny else "llama3-8b")
     a.seq = a.seq or (64 if a.tiny else 1024)
     a.cases = a.cases or (["sft-fp32", "dpo-fp32"] if a.tiny else ["sft-bf16", "dpo-bf16"])
-    a.ckpt_dir = os.environ.get("ALIGNSWEEP_BENCH_CKPT")
+    a.ckpt_dir = None  # trainable_vs_trl.default_ckpt_root
     env = tvt.Env(a, "bench-op-census")
     try:
         for case in a.cases:

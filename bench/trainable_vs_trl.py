@@ -154,6 +154,9 @@ def allocated() -> int:
 
 # ---- the base checkpoint -------------------------------------------------------------------------------------
 def default_ckpt_root() -> Path:
+    """$ALIGNSWEEP_BENCH_CKPT, else ~/.cache/alignsweep-bench, else the temp dir (every bench script's default)."""
+    if os.environ.get("ALIGNSWEEP_BENCH_CKPT"):
+        return Path(os.environ["ALIGNSWEEP_BENCH_CKPT"])
     home = Path.home() / ".cache" / "alignsweep-bench"
     try:
         home.mkdir(parents=True, exist_ok=True)
@@ -1225,7 +1228,7 @@ def main():
                          "with the whole GPU gets; 4 GiB on CPU)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="--planner: peak dense bf16 TFLOP/s for MFU (default: from the GPU's name)")
-    ap.add_argument("--ckpt-dir", default=os.environ.get("ALIGNSWEEP_BENCH_CKPT"),
+    ap.add_argument("--ckpt-dir", default=None,
                     help="where the random 8B checkpoint is saved once and reused (default "
                          "$ALIGNSWEEP_BENCH_CKPT or ~/.cache/alignsweep-bench, else the temp dir)")
     ap.add_argument("--checkpoint-only", action="store_true",
