@@ -79,7 +79,7 @@ def varied_data(method, ckpt, seq: int, rows: int):
 
 def run_case(case: str, a) -> None:
     import torch
-    from trainable_vs_trl import checkpoint, data_for, shape_of, trial_config, with_trainable_set
+    from trainable_vs_trl import checkpoint, completion_tokens, data_for, shape_of, trial_config, with_trainable_set
     from trainables import memory
     from trainables.trial import free_memory, prepare
 
@@ -88,7 +88,8 @@ def run_case(case: str, a) -> None:
     cfg = with_trainable_set(trial_config(method, precision, model_name, a.seq, a.micro_batch, 1, a.steps), a.set)
     rows = a.steps * cfg.micro_batch + 8
     ds = varied_data(method, ckpt, a.seq, rows) if a.varied else data_for(method, ckpt, a.seq, rows)
-    est = memory.estimate_peak(cfg, shape_of(model_name, ckpt), seq_len=a.seq)
+    # --varied's rows are no longer than --seq: its completions are the longest
+    est = memory.estimate_peak(cfg, shape_of(model_name, ckpt), seq_len=a.seq, completion_len=completion_tokens(a.seq))
     free_memory()
     base = torch.cuda.memory_allocated()  # what an earlier case left: not this one's
     torch.cuda.reset_peak_memory_stats()
@@ -137,8 +138,28 @@ def main():
     import torch
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU (torch's allocator history)")
+    first_use = process_first_use()
+    print("allocated on first use in this process (the cases below start after it, so exclude it): "
+          + ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in first_use.items()))
     for case in a.cases:
         run_case(case, a)
+
+
+def process_first_use() -> dict[str, int]:
+    """What torch allocates once per process or thread, not per step, that max_memory_allocated() counts: the
+    cuBLAS/cuBLASLt workspace of each (handle, stream), so of the main thread (forward) and of autograd's device
+    thread (backward)."""
+    import torch
+
+    out, before = {}, torch.cuda.memory_allocated()
+    x = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = x @ x  # forward matmul: the main thread's handle
+    out["main thread matmul"] = torch.cuda.memory_allocated() - before - 2 * x.nbytes
+    mark = torch.cuda.memory_allocated()
+    y.sum().backward()  # the matmul's backward runs in autograd's device thread
+    out["backward thread matmul"] = torch.cuda.memory_allocated() - mark - x.grad.nbytes
+    del x, y
+    return out
 
 
 if __name__ == "__main__":

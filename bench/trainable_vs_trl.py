@@ -75,8 +75,8 @@ a side's resident bytes = memory_allocated() growth while it was built (model, a
 own train() setup and steps (optimizer state appears at its first step). Exactly one side runs at a time, so a
 side's peak ("as if alone") = max over its timed steps of (max_memory_allocated() during the step - the other
 side's resident bytes). In --planner mode the sides run one after the other (see below), so peaks are plain.
-Planner estimate = trainables.memory.estimate_peak(cfg, shape, seq_len=--seq) for the trainable's config; error =
-(estimate - trainable peak) / trainable peak (target within +-15%).
+Planner estimate = trainables.memory.estimate_peak(cfg, shape, seq_len=--seq, completion_len=the synthetic
+completions' length) for the trainable's config; error = (estimate - trainable peak) / trainable peak (target within +-15%).
 
 --planner (8B shape, sft-bf16 and dpo-bf16): bare TRL at micro-batch 1 x accumulation --effective-batch (8), then
 (after freeing it: the planner must see the whole GPU) the trainable at the micro-batch and checkpointing of
@@ -223,22 +223,26 @@ def word_pieces(tok) -> list[str]:
     return [tok.convert_tokens_to_string([w]) for w in words]
 
 
+def completion_tokens(seq: int) -> int:
+    """Tokens of each `synthetic` completion with the EOS TRL appends: the positions that carry a label."""
+    return seq - seq // 2
+
+
 def synthetic(tok, seq: int, n: int, method: str):
     """n rows of TRL's prompt-completion (SFT) or preference (DPO/CITA) format: prompt seq/2 tokens, completion
-    seq - seq/2 - 1 tokens + the EOS TRL appends = seq tokens per sequence."""
+    completion_tokens(seq) - 1 tokens + the EOS TRL appends = seq tokens per sequence."""
     from datasets import Dataset
 
     pieces, rng = word_pieces(tok), random.Random(0)
-    half = seq // 2
+    half, words = seq // 2, completion_tokens(seq) - 1
 
     def text(k):
         return "".join(rng.choice(pieces) for _ in range(k))
 
     if method == "sft":
-        rows = [{"prompt": text(half), "completion": text(seq - half - 1)} for _ in range(n)]
+        rows = [{"prompt": text(half), "completion": text(words)} for _ in range(n)]
     else:
-        rows = [{"prompt": text(half), "chosen": text(seq - half - 1), "rejected": text(seq - half - 1)}
-                for _ in range(n)]
+        rows = [{"prompt": text(half), "chosen": text(words), "rejected": text(words)} for _ in range(n)]
     return Dataset.from_list(rows)
 
 
@@ -648,7 +652,8 @@ def shape_of(model_name: str, ckpt: Path):
 def estimate(cfg, model_name, ckpt, seq):
     try:
         from trainables import memory
-        return memory.estimate_peak(cfg, shape_of(model_name, ckpt), seq_len=seq).gib, ""
+        return memory.estimate_peak(cfg, shape_of(model_name, ckpt), seq_len=seq,
+                                    completion_len=completion_tokens(seq)).gib, ""
     except Exception as e:  # noqa: BLE001
         return float("nan"), f"planner estimate failed: {type(e).__name__}: {e}"
 

@@ -232,11 +232,13 @@ def uses_liger(cfg: TrialConfig) -> bool:
 
 
 def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None = None,
-                  seq_len: int | None = None) -> MemoryEstimate:
+                  seq_len: int | None = None, completion_len: int | None = None) -> MemoryEstimate:
     """Peak allocated GPU memory of a training step (torch.cuda.max_memory_allocated).
 
     micro_batch defaults to cfg.micro_batch, seq_len to cfg.max_length (the worst case: batches are padded to at
-    most max_length). DPO/CITA run 2 sequences (chosen, rejected) per pair. The peak is the largest of three
+    most max_length). completion_len is the longest completion in tokens (with its EOS), the positions that carry a
+    label; by default every position (the worst case: the config does not bound completions, only the data does).
+    DPO/CITA run 2 sequences (chosen, rejected) per pair. The peak is the largest of three
     moments, each the static part (weights, LoRA params + grads + optimizer states, GRIT statistics) plus:
     - "layer backward": what the layers keep (a checkpointed layer its input, any other its saved tensors;
       `checkpointed_layers`), the recomputed layer's saved tensors and its gradient working set (dominant for
@@ -288,15 +290,18 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
         mlp_bwd = max(mlp_bwd, (2 if p.base_saves_input else 1) * a * t * i + dequant)
     layer_bwd = mlp_bwd + 2 * a * t * h
 
-    # worst case: every position has a label. On a GPU TRL projects only the labelled positions (completions;
-    # trl/trainer/utils.py, `compact`), so with long prompts this is high: SmolLM2 cita-nf4 +28.7% (BENCHMARKS.md)
-    scored = seqs * (seq - 1)
+    # The fused LM head scores the labelled positions. With Triton (a GPU) it gathers them first (`compact` in
+    # trl/trainer/utils.py); without (fp32, the CPU profile) it scores every position.
+    compact = cfg.precision != "fp32" and completion_len is not None
+    scored = seqs * (min(completion_len, seq - 1) if compact else seq - 1)
     rows = min(scored, LM_TILE_TOKENS)
     logits = rows * LM_TILE_VOCAB * a
     if cfg.precision == "fp32":
         logits += rows * min(shape.vocab, LM_TILE_VOCAB) * CPU_TILE_TEMP_BYTES
     lm_saved = _norm_saved(p, t, h, liger) + a * scored * h  # the final RMSNorm's; the LM head's input (a copy)
-    lm_bwd = 4 * scored * h + a * scored * h  # fp32 gradient accumulator of the hidden states, and its cast
+    # the head's input gradient (fp32 accumulator, then its cast); gathered, it is scattered back into a zeroed
+    # gradient of every position once the accumulator is gone
+    lm_bwd = a * scored * h + max(4 * scored * h, a * t * h if compact else 0)
 
     zero = {"activations": 0, "logits": 0, "backward": 0, "optimizer_step": 0}
     moments = {
