@@ -77,7 +77,9 @@ def varied_data(method, ckpt, seq: int, rows: int):
     return concatenate_datasets([data_for(method, ckpt, n, rows // 8 + 1) for n in lengths]).shuffle(seed=0)
 
 
-def run_case(case: str, a) -> None:
+def run_case(case: str, a, first_use: int) -> None:
+    """first_use: the process's one-time allocations (process_first_use), excluded from the measured peak and
+    added back to compare with the planner, which counts them as a trial's process holds them."""
     import torch
     from trainable_vs_trl import checkpoint, completion_tokens, data_for, shape_of, trial_config, with_trainable_set
     from trainables import memory
@@ -101,15 +103,18 @@ def run_case(case: str, a) -> None:
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
     measured = torch.cuda.max_memory_allocated() - base
+    as_trial = measured + first_use  # what a trial's own process reads
     reserved = torch.cuda.max_memory_reserved()
     trace = [ev for dev in snap["device_traces"] for ev in dev]
     peak, blocks = live_at_peak(trace)
     print(f"\n## {case} ({a.shape}, seq {a.seq}{' varied' if a.varied else ''}, micro-batch {cfg.micro_batch}, "
           f"checkpointing {cfg.gradient_checkpointing}, {a.steps} steps{', ' + ' '.join(a.set) if a.set else ''}; "
           f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')!r})")
-    print(f"measured peak {measured / MiB:.1f} MiB allocated (less {base / MiB:.1f} MiB an earlier case left), "
+    print(f"measured peak {measured / MiB:.1f} MiB allocated (less {base / MiB:.1f} MiB allocated before it), "
+          f"{as_trial / MiB:.1f} with the {first_use / MiB:.1f} MiB of first use, as a trial's process reads it; "
           f"{reserved / MiB:.1f} MiB reserved; replayed peak {peak / MiB:.1f} MiB ({len(blocks)} blocks); "
-          f"planner {est.total / MiB:.1f} MiB at '{est.moment}' ({100 * (est.total - measured) / measured:+.1f}%); "
+          f"planner {est.total / MiB:.1f} MiB at '{est.moment}' "
+          f"({100 * (est.total - as_trial) / as_trial:+.1f}% of that); "
           f"reserved - allocated = {(reserved - measured - base) / MiB:.1f} MiB = "
           f"{(reserved - measured - base) / max(est.transient, 1):.2f} x the planner's transient part; the "
           f"planner's allocator headroom {memory.allocator_headroom(est) / MiB:.1f} MiB")
@@ -142,7 +147,7 @@ def main():
     print("allocated on first use in this process (the cases below start after it, so exclude it): "
           + ", ".join(f"{k} {v / MiB:.1f} MiB" for k, v in first_use.items()))
     for case in a.cases:
-        run_case(case, a)
+        run_case(case, a, sum(first_use.values()))
 
 
 def process_first_use() -> dict[str, int]:

@@ -137,6 +137,10 @@ LM_TILE_TOKENS, LM_TILE_VOCAB = 4096, 32768
 # buffer (backward: y, z, log_p, p, grad, the target mask as float and its difference/product: 7 fp32 values and
 # the bool mask per tile element; measured on CPU: 7.3 tiles).
 CPU_TILE_TEMP_BYTES = 7 * 4 + 1
+# torch gives each (cuBLAS handle, stream) a workspace from the caching allocator on its first matmul, kept for the
+# process: one for the main thread (forward, evaluation), one for autograd's device thread (backward). 32 MiB each
+# on Hopper (measured on an H100: bench/memory_peak.py), less on older GPUs. fp32 is the CPU profile: none.
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 
 
 def weight_bytes(shape: ModelShape, precision: str) -> int:
@@ -225,6 +229,11 @@ def _norm_saved(p: _Precision, tokens: int, hidden: int, liger: bool) -> int:
 LIGER_PRECISIONS = ("bf16", "nf4", "int8")  # Liger's kernels are Triton's: GPU precisions (fp32 is the CPU profile)
 
 
+def cuda_workspaces(cfg: TrialConfig) -> int:
+    """The cuBLAS workspaces a GPU trial's process holds (forward and backward thread); none on the CPU."""
+    return 0 if cfg.precision == "fp32" else 2 * CUBLAS_WORKSPACE_BYTES
+
+
 def uses_liger(cfg: TrialConfig) -> bool:
     """Liger's layer kernels (RMSNorm, SwiGLU, RoPE; `trainer.use_liger_kernel`). The planner assumes the model is one
     Liger patches (the Llama family of the studies): on another it would patch nothing and the estimate be low."""
@@ -266,8 +275,9 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
     if cfg.adapter == "grit":  # ~10 r x r fp32 matrices per module (statistics, inverses, projections, caches),
         n_mod = shape.layers * len(cfg.lora.target_modules)  # plus the rank-r activation each hook holds
         grit = n_mod * (10 * cfg.lora.r ** 2 * 4 + 2 * t * cfg.lora.r * a)  # and the sampled gradient
-    static = {"weights": weight_bytes(shape, cfg.precision), "adapter": adapter, "grit": grit}
-    allocated_once = static["weights"] + adapter
+    static = {"weights": weight_bytes(shape, cfg.precision), "adapter": adapter, "grit": grit,
+              "cuda_workspaces": cuda_workspaces(cfg)}
+    allocated_once = static["weights"] + adapter + static["cuda_workspaces"]
 
     liger = uses_liger(cfg)
     layer = _layer_saved(cfg, shape, p, t, padded, liger)
@@ -328,7 +338,7 @@ def estimate_eval(cfg: TrialConfig, shape: ModelShape, seq_len: int | None = Non
     t = seqs * seq
     state, _ = _optimizer_bytes(cfg.optim, p.lora)  # the trainer (and its optimizer state) is still alive
     static = {"weights": weight_bytes(shape, cfg.precision), "adapter": lora_params(cfg, shape) * (p.lora + state),
-              "grit": 0}
+              "grit": 0, "cuda_workspaces": cuda_workspaces(cfg)}  # training's workspaces are kept
     # no_grad forward: one layer's transients (gate/up outputs, their product, a few hidden states, the fp32
     # LoRA input cast) and the padding mask; then the final hidden states stay while the head runs chunk by chunk
     layer = p.act * t * (3 * shape.intermediate + 4 * shape.hidden) + seqs * seq * seq
