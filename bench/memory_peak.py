@@ -1,7 +1,9 @@
 """What is live at a trial's peak GPU memory, against the memory planner's parts (trainables/memory.py).
 
 The planner's estimate must be within 15% of the measured peak on the benchmark cases; where it is not, this shows
-which allocations make up the difference. It trains the project's trainable (trainables.trial.prepare, as
+which allocations make up the difference. What torch allocates once per process (the cuBLAS workspaces) is measured
+first and kept out of each case, then added back to compare with the planner, which counts it as a trial's own
+process holds it. It trains the project's trainable (trainables.trial.prepare, as
 bench/trainable_vs_trl.py builds it, on the same synthetic data) for a few steps with torch's allocator history
 recording Python stacks, replays the history to the moment of the largest allocated total, and groups the blocks
 live then by the first frame outside torch (the code that asked for them). GPU only.
@@ -10,9 +12,10 @@ live then by the first frame outside torch (the code that asked for them). GPU o
     python bench/memory_peak.py --shape llama3-8b --cases dpo-bf16 --varied --set micro_batch=4 \
         --set gradient_checkpointing=false --steps 12 --top 0                # reserved vs allocated, 8B
 
-Prints, per case: the measured peak (torch.cuda.max_memory_allocated) and the reserved peak (what the caching
-allocator holds: the planner's allocator headroom covers the difference), the replayed peak, the planner's estimate
-and parts, and the live blocks at the peak by frame (MiB, count).
+Prints the first-use allocations, then per case: the measured peak (torch.cuda.max_memory_allocated, without and
+with the first use) and the reserved peak (what the caching allocator holds: the planner's allocator headroom
+covers the difference), the replayed peak (without the first use), the planner's estimate and parts, and the live
+blocks at the peak by frame (MiB, count).
 """
 from __future__ import annotations
 

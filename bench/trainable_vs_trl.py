@@ -75,8 +75,11 @@ a side's resident bytes = memory_allocated() growth while it was built (model, a
 own train() setup and steps (optimizer state appears at its first step). Exactly one side runs at a time, so a
 side's peak ("as if alone") = max over its timed steps of (max_memory_allocated() during the step - the other
 side's resident bytes). In --planner mode the sides run one after the other (see below), so peaks are plain.
-Planner estimate = trainables.memory.estimate_peak(cfg, shape, seq_len=--seq, completion_len=the synthetic
-completions' length) for the trainable's config; error = (estimate - trainable peak) / trainable peak (target within +-15%).
+The process's cuBLAS workspaces (64 MiB, allocated on first use by each thread) fall to whichever side used a
+thread first, so on SmolLM2 the attribution moves by up to ~7% with the order: bench/memory_peak.py measures a
+peak alone. Planner estimate = trainables.memory.estimate_peak(cfg, shape, seq_len=--seq, completion_len=the
+synthetic completions' length) for the trainable's config; in --planner mode, the estimate of the plan (every
+position scored, as the runner plans). Error = (estimate - trainable peak) / trainable peak (target within +-15%).
 
 --planner (8B shape, sft-bf16 and dpo-bf16): bare TRL at micro-batch 1 x accumulation --effective-batch (8), then
 (after freeing it: the planner must see the whole GPU) the trainable at the micro-batch and checkpointing of

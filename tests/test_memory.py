@@ -36,7 +36,7 @@ def test_measured_peaks_within_15_percent():
         cfg = trial(method=r["method"], precision=r["precision"], micro_batch=int(r["micro_batch"]),
                     max_length=int(r["seq_len"]), gradient_checkpointing=r["gradient_checkpointing"] == "true",
                     trainer=knobs)
-        # completion_len: the data's completions when the source says (blank: unknown, every position)
+        # completion_len: the data's completions (blank: every position, for plain-text data or when unknown)
         est = estimate_peak(cfg, SHAPES[r["shape"]], seq_len=int(r["seq_len"]),
                             completion_len=int(r["completion_len"]) if r["completion_len"] else None)
         err = est.gib / float(r["peak_gib"]) - 1
@@ -175,7 +175,6 @@ def test_logits_are_one_fused_head_tile_not_batch_x_seq_x_vocab():
     assert logits(32) < naive / 5
 
 
-
 def test_a_gpu_head_scores_only_the_completions_a_cpu_head_every_position():
     """With Triton TRL gathers the labelled positions before the head (SmolLM2 cita-nf4 read +28.7% when every
     position was counted); the CPU profile (fp32) scores them all, whatever the completions."""
@@ -198,6 +197,7 @@ def test_a_gpu_process_holds_two_cublas_workspaces_a_cpu_one_none():
             assert est.parts["cuda_workspaces"] == 64 * 2**20
             assert est.transient == est.total - est.parts["weights"] - est.parts["adapter"] - 64 * 2**20
     assert estimate_peak(trial(precision="fp32"), LLAMA8B).parts["cuda_workspaces"] == 0
+
 
 def test_evaluation_logits_are_bounded_by_the_chunk():
     """The research's warning (vocab x sequence x 4 bytes): evaluate.sequence_logps applies the LM head to a chunk

@@ -5,7 +5,8 @@ The estimate adds up the bytes of the tensors alive at the peak moment of one TR
 Llama-family decoder), from the model's shape; it is not fitted to measurements (tests/fixtures holds those).
 What TRL 1.16 + transformers 5.17 + PEFT 0.21 keep in memory, as read from their code:
 - Logits are never materialized in training. TRL patches the model with a fused LM head
-  (`trl.kernels.ChunkedLogProbFunction`): it projects the scored positions in tiles of at most 4096 tokens x 32768
+  (`trl.kernels.ChunkedLogProbFunction`): it projects the scored positions (on a GPU the labelled ones, gathered
+  first; on the CPU every position) in tiles of at most 4096 tokens x 32768
   vocabulary columns (bf16 under autocast, folded into fp32 per-token statistics) and recomputes each tile in the
   backward. So the "logits" term is one tile, flat in batch and sequence beyond 4096 tokens: not
   batch x seq x vocab x 4 bytes. (Evaluation bounds them by its own chunking: see `estimate_eval`.)
@@ -182,7 +183,7 @@ class MemoryEstimate:
     parts: dict[str, int]  # bytes per component at the peak moment
     total: int             # sum of the parts: the peak, i.e. the largest of the step's candidate moments
     moment: str = ""       # which moment is the peak
-    static: int = 0        # weights + adapter state: allocated once, no allocator churn
+    static: int = 0        # weights, adapter state, cuBLAS workspaces: allocated once, no allocator churn
 
     @property
     def gib(self) -> float:
@@ -231,7 +232,13 @@ LIGER_PRECISIONS = ("bf16", "nf4", "int8")  # Liger's kernels are Triton's: GPU 
 
 def cuda_workspaces(cfg: TrialConfig) -> int:
     """The cuBLAS workspaces a GPU trial's process holds (forward and backward thread); none on the CPU."""
-    return 0 if cfg.precision == "fp32" else 2 * CUBLAS_WORKSPACE_BYTES
+    return 0 if cpu_profile(cfg) else 2 * CUBLAS_WORKSPACE_BYTES
+
+
+def cpu_profile(cfg: TrialConfig) -> bool:
+    """fp32 is the CPU profile: the planner plans it as the CPU runs it (no Triton, no cuBLAS). An fp32 trial on a
+    GPU is then planned 64 MiB low on workspaces and high on the LM head (every position, the CPU's temporaries)."""
+    return cfg.precision == "fp32"
 
 
 def uses_liger(cfg: TrialConfig) -> bool:
@@ -246,14 +253,17 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
 
     micro_batch defaults to cfg.micro_batch, seq_len to cfg.max_length (the worst case: batches are padded to at
     most max_length). completion_len is the longest completion in tokens (with its EOS), the positions that carry a
-    label; by default every position (the worst case: the config does not bound completions, only the data does).
-    DPO/CITA run 2 sequences (chosen, rejected) per pair. The peak is the largest of three
-    moments, each the static part (weights, LoRA params + grads + optimizer states, GRIT statistics) plus:
+    label; by default every position (the worst case: the config does not bound completions, only the data does);
+    the CPU profile scores every position whatever it is. DPO/CITA run 2 sequences (chosen, rejected) per pair. The
+    peak is the largest of four moments, each the static part (weights, LoRA params + grads + optimizer states, GRIT
+    statistics, cuBLAS workspaces) plus:
     - "layer backward": what the layers keep (a checkpointed layer its input, any other its saved tensors;
       `checkpointed_layers`), the recomputed layer's saved tensors and its gradient working set (dominant for
       wide models);
-    - "lm_head backward": the same stored activations plus the fused LM head's saved input, its fp32 gradient
-      accumulator and one logits tile (dominant for small models with large vocabularies);
+    - "lm_head backward": the same stored activations plus the fused LM head's saved input (the scored positions),
+      its fp32 gradient accumulator and one logits tile (dominant for small models with large vocabularies);
+    - "lm_head input gradient": then the head's input gradient scattered back to every position, twice (through the
+      gather or reshape, then the slice that drops the last position);
     - "optimizer step": the optimizer's temporaries.
     Gradients are counted as alive throughout: they are with gradient accumulation (after the first micro-batch).
     """
@@ -302,21 +312,21 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
 
     # The fused LM head scores the labelled positions. With Triton (a GPU) it gathers them first (`compact` in
     # trl/trainer/utils.py); without (fp32, the CPU profile) it scores every position.
-    compact = cfg.precision != "fp32" and completion_len is not None
+    compact = not cpu_profile(cfg) and completion_len is not None
     scored = seqs * (min(completion_len, seq - 1) if compact else seq - 1)
     rows = min(scored, LM_TILE_TOKENS)
     logits = rows * LM_TILE_VOCAB * a
-    if cfg.precision == "fp32":
+    if cpu_profile(cfg):
         logits += rows * min(shape.vocab, LM_TILE_VOCAB) * CPU_TILE_TEMP_BYTES
     lm_saved = _norm_saved(p, t, h, liger) + a * scored * h  # the final RMSNorm's; the LM head's input (a copy)
-    # the head's input gradient (fp32 accumulator, then its cast); gathered, it is scattered back into a zeroed
-    # gradient of every position once the accumulator is gone
-    lm_bwd = a * scored * h + max(4 * scored * h, a * t * h if compact else 0)
+    lm_bwd = 4 * scored * h + a * scored * h  # fp32 gradient accumulator of the head's input, and its cast
 
     zero = {"activations": 0, "logits": 0, "backward": 0, "optimizer_step": 0}
     moments = {
         "layer backward": {**zero, "activations": stored + recomputed, "backward": layer_bwd},
         "lm_head backward": {**zero, "activations": stored + lm_saved, "logits": logits, "backward": lm_bwd},
+        "lm_head input gradient": {**zero, "activations": stored + _norm_saved(p, t, h, liger),
+                                   "backward": 2 * a * t * h},
         "optimizer step": {**zero, "optimizer_step": n_lora * step_tmp},
     }
     moment, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
@@ -329,8 +339,8 @@ def estimate_eval(cfg: TrialConfig, shape: ModelShape, seq_len: int | None = Non
     sequences to the final hidden states, then the LM head over LOGITS_CHUNK_TOKENS positions at a time: one chunk of
     logits in the model's dtype, its fp32 copy and the fp32 logsumexp temporary (the research's warning, vocab x
     sequence x 4 bytes, bounded by the chunk). Evaluation does not truncate: seq_len defaults to max_length, pass
-    the held-out set's longest prompt + completion when known. Generation (KV cache, last-token logits) is not
-    modelled."""
+    the held-out set's longest prompt + completion when known. The static part keeps training's (the optimizer
+    state, the cuBLAS workspaces). Generation (KV cache, last-token logits) is not modelled."""
     from trainables.evaluate import LOGITS_CHUNK_TOKENS
 
     p = _PRECISIONS[cfg.precision]
