@@ -6,9 +6,8 @@ Llama-family decoder), from the model's shape; it is not fitted to measurements 
 What TRL 1.16 + transformers 5.17 + PEFT 0.21 keep in memory, as read from their code:
 - Logits are never materialized in training. TRL patches the model with a fused LM head
   (`trl.kernels.ChunkedLogProbFunction`): it projects the scored positions (on a GPU the labelled ones, gathered
-  first; on the CPU every position) in tiles of at most 4096 tokens x 32768
-  vocabulary columns (bf16 under autocast, folded into fp32 per-token statistics) and recomputes each tile in the
-  backward. So the "logits" term is one tile, flat in batch and sequence beyond 4096 tokens: not
+  first; on the CPU every position) in tiles of at most 4096 tokens x 32768 vocabulary columns (bf16 under
+  autocast, folded into fp32 per-token statistics) and recomputes each tile in the backward. So the "logits" term is one tile, flat in batch and sequence beyond 4096 tokens: not
   batch x seq x vocab x 4 bytes. (Evaluation bounds them by its own chunking: see `estimate_eval`.)
 - DPO and CITA run chosen and rejected as one batch of 2 x micro_batch sequences; the reference pass runs after the
   policy forward, under no_grad with checkpointing off and the adapter disabled: its working set is one layer's
@@ -139,7 +138,7 @@ LM_TILE_TOKENS, LM_TILE_VOCAB = 4096, 32768
 # the bool mask per tile element; measured on CPU: 7.3 tiles).
 CPU_TILE_TEMP_BYTES = 7 * 4 + 1
 # torch gives each (cuBLAS handle, stream) a workspace from the caching allocator on its first matmul, kept for the
-# process: one for the main thread (forward, evaluation), one for autograd's device thread (backward). 32 MiB each
+# process: one for the trainer's thread (forward, evaluation), one for autograd's device thread (backward). 32 MiB each
 # on Hopper (measured on an H100: bench/memory_peak.py), less on older GPUs. fp32 is the CPU profile: none.
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20
 
