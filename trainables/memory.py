@@ -8,7 +8,8 @@ What TRL 1.16 + transformers 5.17 + PEFT 0.21 keep in memory, as read from their
   (`trl.kernels.ChunkedLogProbFunction`): it projects the scored positions (on a GPU the labelled ones, gathered
   first; on the CPU every position) in tiles of at most 4096 tokens x 32768 vocabulary columns (bf16 under
   autocast, folded into fp32 per-token statistics) and recomputes each tile in the backward. So the "logits" term
-  is one tile, flat in batch and sequence beyond 4096 tokens: not batch x seq x vocab x 4 bytes. (Evaluation bounds them by its own chunking: see `estimate_eval`.)
+  is one tile, flat in batch and sequence beyond 4096 tokens: not batch x seq x vocab x 4 bytes. (Evaluation
+  bounds them by its own chunking: see `estimate_eval`.)
 - DPO and CITA run chosen and rejected as one batch of 2 x micro_batch sequences; the reference pass runs after the
   policy forward, under no_grad with checkpointing off and the adapter disabled: its working set is one layer's
   forward transients, smaller than the policy backward's, so it never sets the peak.
