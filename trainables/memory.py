@@ -287,7 +287,7 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
         grit = n_mod * (10 * cfg.lora.r ** 2 * 4 + 2 * t * cfg.lora.r * a)  # and the sampled gradient
     static = {"weights": weight_bytes(shape, cfg.precision), "adapter": adapter, "grit": grit,
               "cuda_workspaces": cuda_workspaces(cfg)}
-    allocated_once = static["weights"] + adapter + static["cuda_workspaces"]
+    allocated_once = sum(static.values()) - grit  # GRIT's part holds per-step activations too
 
     liger = uses_liger(cfg)
     layer = _layer_saved(cfg, shape, p, t, padded, liger)
@@ -318,15 +318,15 @@ def estimate_peak(cfg: TrialConfig, shape: ModelShape, micro_batch: int | None =
     logits = rows * LM_TILE_VOCAB * a
     if cpu_profile(cfg):
         logits += rows * min(shape.vocab, LM_TILE_VOCAB) * CPU_TILE_TEMP_BYTES
-    lm_saved = _norm_saved(p, t, h, liger) + a * scored * h  # the final RMSNorm's; the LM head's input (a copy)
+    norm = _norm_saved(p, t, h, liger)  # the final RMSNorm's
+    lm_saved = norm + a * scored * h  # and the LM head's input (a copy)
     lm_bwd = 4 * scored * h + a * scored * h  # fp32 gradient accumulator of the head's input, and its cast
 
     zero = {"activations": 0, "logits": 0, "backward": 0, "optimizer_step": 0}
     moments = {
         "layer backward": {**zero, "activations": stored + recomputed, "backward": layer_bwd},
         "lm_head backward": {**zero, "activations": stored + lm_saved, "logits": logits, "backward": lm_bwd},
-        "lm_head input gradient": {**zero, "activations": stored + _norm_saved(p, t, h, liger),
-                                   "backward": 2 * a * t * h},
+        "lm_head input gradient": {**zero, "activations": stored + norm, "backward": 2 * a * t * h},
         "optimizer step": {**zero, "optimizer_step": n_lora * step_tmp},
     }
     moment, parts = max(moments.items(), key=lambda kv: sum(kv[1].values()))
